@@ -1,0 +1,2 @@
+"""polyalign: multimodal contrastive representation learning."""
+__version__ = "0.1.0"

@@ -1,0 +1,62 @@
+"""Batches: a resumable global-batch sampler and the collate that tokenises captions."""
+from __future__ import annotations
+
+import torch
+
+from ..errors import DataError
+
+
+class GlobalBatchSampler:
+    """Yields, for steps ``start_step, start_step + 1, ...``, this rank's share of the global batch.
+
+    The global batch at a step depends only on (seed, step): epoch e is a permutation drawn from seed and e,
+    cut into ``len // batch_size`` batches (the remainder is dropped). Keys are ``(epoch, index)`` pairs so the
+    dataset derives per-sample randomness from them. Resuming = constructing with the step to start at.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, start_step: int = 0, rank: int = 0, world_size: int = 1):
+        if batch_size > n:
+            raise DataError(f"train.batch_size ({batch_size}) is larger than the training set ({n} items)")
+        if batch_size % world_size:
+            raise DataError(f"train.batch_size ({batch_size}) is not divisible by the world size ({world_size})")
+        self.n, self.batch_size, self.seed, self.start_step = n, batch_size, seed, start_step
+        self.rank, self.world_size = rank, world_size
+        self.steps_per_epoch = n // batch_size
+
+    def permutation(self, epoch: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(self.n, generator=g)
+
+    def __iter__(self):
+        step, epoch, perm = self.start_step, -1, None
+        local = self.batch_size // self.world_size
+        while True:
+            e, k = divmod(step, self.steps_per_epoch)
+            if e != epoch:
+                epoch, perm = e, self.permutation(e)
+            batch = perm[k * self.batch_size + self.rank * local: k * self.batch_size + (self.rank + 1) * local]
+            yield [(epoch, int(i)) for i in batch]
+            step += 1
+
+
+class Collator:
+    """Samples → batch dict: ``image`` uint8 (B, 3, H, W), ``text`` (B, L), ``text_mask`` (B, L), ``index`` (B,)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def __call__(self, samples: list[dict]) -> dict:
+        ids, mask = self.tokenizer([s["caption"] for s in samples])
+        return {"image": torch.stack([s["image"] for s in samples]),
+                "text": ids, "text_mask": mask,
+                "index": torch.tensor([s["index"] for s in samples])}
+
+
+def make_loader(dataset, tokenizer, batch_size: int, seed: int, start_step: int, num_workers: int,
+                rank: int = 0, world_size: int = 1) -> torch.utils.data.DataLoader:
+    """An endless loader of this rank's batches from ``start_step`` on."""
+    sampler = GlobalBatchSampler(len(dataset), batch_size, seed, start_step, rank, world_size)
+    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=Collator(tokenizer),
+                                       num_workers=num_workers, persistent_workers=False,
+                                       generator=torch.Generator().manual_seed(seed),  # keep the global RNG untouched
+                                       prefetch_factor=4 if num_workers else None)

@@ -1,0 +1,129 @@
+"""One call that evaluates a model on a dataset: retrieval, zero-shot per label field, linear probe, examples PNG."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from polyalign.eval.embed import embed_images, embed_texts
+from polyalign.eval.plots import plot_retrieval_examples
+from polyalign.eval.probe import ProbeDataError, linear_probe
+from polyalign.eval.retrieval import retrieval_metrics, topk_chunked
+from polyalign.eval.zeroshot import zeroshot_accuracy, zeroshot_classifier
+
+logger = logging.getLogger(__name__)
+
+
+def caption_table(dataset, max_captions: int) -> tuple[list[str], torch.Tensor]:
+    """Up to ``max_captions`` captions per item, flattened, and the (M,) item index of each."""
+    texts, owner = [], []
+    for i in range(len(dataset)):
+        caps = dataset.captions(i)[:max_captions]
+        texts += caps
+        owner += [i] * len(caps)
+    return texts, torch.tensor(owner, dtype=torch.long)
+
+
+def items_with_field(dataset, field: str) -> tuple[list[int], torch.Tensor]:
+    """The items whose ``labels`` carry ``field``, and their (n,) class indices."""
+    idx, ys = [], []
+    for i in range(len(dataset)):
+        y = dataset.labels(i).get(field)
+        if y is not None:
+            idx.append(i)
+            ys.append(y)
+    return idx, torch.tensor(ys, dtype=torch.long)
+
+
+def zeroshot_fields_of(dataset, templates: dict | None) -> list[str]:
+    """Label fields that have prompt templates (given ones first, then the dataset's)."""
+    names = list(templates or {}) + list(getattr(dataset, "prompt_templates", None) or {})
+    return [f for f in dict.fromkeys(names) if f in dataset.label_names]
+
+
+def _templates_for(dataset, field: str, templates: dict | None) -> list[str]:
+    found = (templates or {}).get(field) or (getattr(dataset, "prompt_templates", None) or {}).get(field)
+    if not found:
+        raise ValueError(f"no prompt templates for zero-shot field {field!r}")
+    return found
+
+
+def _subsample(idx: list[int], y: torch.Tensor, limit: int) -> tuple[list[int], torch.Tensor]:
+    """At most ``limit`` items, drawn without replacement by a fixed-seed generator, kept in dataset order."""
+    if len(idx) <= limit:
+        return idx, y
+    keep = np.sort(np.random.default_rng(0).choice(len(idx), size=limit, replace=False))
+    return [idx[k] for k in keep], y[torch.from_numpy(keep)]
+
+
+def _retrieval_examples(path, test_ds, texts, txt_to_img, txt_emb, img_emb, n_examples, chunk_size) -> None:
+    """PNG of the top-5 images for the first caption of each of the first ``n_examples`` items."""
+    firsts = torch.ones_like(txt_to_img, dtype=torch.bool)
+    firsts[1:] = txt_to_img[1:] != txt_to_img[:-1]
+    queries = torch.nonzero(firsts).flatten()[:n_examples]
+    _, top = topk_chunked(txt_emb[queries.to(txt_emb.device)], img_emb, 5, chunk_size)  # (n, 5)
+    top = top.cpu()
+    plot_retrieval_examples(
+        path,
+        [texts[int(q)] for q in queries],
+        [[test_ds.image(int(i)) for i in row] for row in top],
+        [(row == txt_to_img[q]).tolist() for q, row in zip(queries, top)],
+    )
+
+
+def evaluate(
+    model,
+    tokenizer,
+    train_ds,
+    test_ds,
+    *,
+    batch_size: int = 256,
+    zeroshot_fields: list[str] | None = None,
+    templates: dict[str, list[str]] | None = None,
+    probe_field: str | None = None,
+    probe_max_train: int = 10000,
+    max_captions: int = 5,
+    chunk_size: int = 8192,
+    out_dir=None,
+    n_examples: int = 5,
+) -> dict[str, float]:
+    """Flat metrics: ``retrieval/*`` on test_ds, ``zeroshot/<field>_acc``, ``probe/<field>_acc`` (trained on train_ds)."""
+    results: dict[str, float] = {}
+    img_emb = embed_images(model, test_ds, batch_size)  # (N, D)
+    texts, txt_to_img = caption_table(test_ds, max_captions)
+    txt_emb = embed_texts(model, tokenizer, texts, batch_size)  # (M, D)
+    for name, value in retrieval_metrics(img_emb, txt_emb, txt_to_img, chunk_size=chunk_size).items():
+        results[f"retrieval/{name}"] = value
+
+    fields = zeroshot_fields_of(test_ds, templates) if zeroshot_fields is None else list(zeroshot_fields)
+    for field in fields:
+        if field not in test_ds.label_names:
+            raise ValueError(f"zero-shot field {field!r} is not a label field of the test set: {list(test_ds.label_names)}")
+        idx, y = items_with_field(test_ds, field)
+        if len(torch.unique(y)) < 2:
+            logger.warning("zero-shot %r skipped: %d class(es) present in the test items", field, len(torch.unique(y)))
+            continue
+        classifier = zeroshot_classifier(
+            model, tokenizer, test_ds.label_names[field], _templates_for(test_ds, field, templates), batch_size
+        )
+        results[f"zeroshot/{field}_acc"] = zeroshot_accuracy(img_emb[torch.tensor(idx, device=img_emb.device)], y, classifier)
+
+    probe_field = probe_field or (fields[0] if fields else None)
+    if probe_field is not None:
+        train_idx, train_y = _subsample(*items_with_field(train_ds, probe_field), probe_max_train)
+        test_idx, test_y = items_with_field(test_ds, probe_field)
+        try:
+            if not train_idx or not test_idx:
+                raise ProbeDataError(f"{len(train_idx)} train and {len(test_idx)} test items carry the field")
+            train_x = embed_images(model, train_ds, batch_size, train_idx, features=True)
+            test_x = embed_images(model, test_ds, batch_size, test_idx, features=True)
+            results[f"probe/{probe_field}_acc"] = linear_probe(train_x, train_y, test_x, test_y)
+        except ProbeDataError as err:
+            logger.warning("linear probe on %r skipped: %s", probe_field, err)
+
+    if out_dir is not None and n_examples > 0:
+        path = Path(out_dir) / "retrieval_examples.png"
+        _retrieval_examples(path, test_ds, texts, txt_to_img, txt_emb, img_emb, n_examples, chunk_size)
+    return results

@@ -1,0 +1,34 @@
+"""Projection head: pool tokens → project → L2-normalise."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def pool_tokens(tokens: torch.Tensor, mask: torch.Tensor | None, how: str) -> torch.Tensor:
+    """(B, N, D) → (B, D): ``cls`` takes token 0, ``mean`` averages the tokens where ``mask`` is True."""
+    if how == "cls":
+        return tokens[:, 0]
+    if how == "mean":
+        if mask is None:
+            return tokens.mean(1)
+        m = mask.unsqueeze(-1).to(tokens.dtype)
+        return (tokens * m).sum(1) / m.sum(1).clamp_min(1.0)
+    raise ValueError(f"unknown pooling {how!r} (cls | mean)")
+
+
+class ProjectionHead(nn.Module):
+    """Pools encoder tokens and maps them linearly into the shared embedding space."""
+
+    def __init__(self, in_dim: int, embed_dim: int, pool: str):
+        super().__init__()
+        self.pool = pool
+        self.proj = nn.Linear(in_dim, embed_dim, bias=False)
+
+    def features(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Pooled backbone features (B, in_dim), before projection (what a linear probe reads)."""
+        return pool_tokens(tokens, mask, self.pool)
+
+    def forward(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return F.normalize(self.proj(self.features(tokens, mask)).float(), dim=-1)  # (B, embed_dim)

@@ -1,0 +1,60 @@
+"""Text → (ids, mask): a BPE tokenizer trained on the captions with the `tokenizers` library, or a model's own."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+class Tokenizer:
+    """Pads/truncates to ``context_length``; returns int64 ids (B, L) and a bool mask (B, L), True on real tokens."""
+
+    def __init__(self, tok: HFTokenizer, context_length: int):
+        self.tok = tok
+        self.context_length = context_length
+        pad_id = tok.token_to_id("[PAD]")
+        if pad_id is None:
+            raise ValueError("the tokenizer has no [PAD] token")
+        tok.enable_truncation(context_length)
+        tok.enable_padding(length=context_length, pad_id=pad_id, pad_token="[PAD]")
+
+    @classmethod
+    def train(cls, texts: Iterable[str], vocab_size: int, context_length: int) -> "Tokenizer":
+        """Learn a BPE vocabulary (lower-cased, accents stripped, ## continuation pieces) from ``texts``."""
+        tok = HFTokenizer(models.BPE(unk_token="[UNK]", continuing_subword_prefix="##"))
+        tok.normalizer = normalizers.Sequence([normalizers.NFD(), normalizers.Lowercase(), normalizers.StripAccents()])
+        tok.pre_tokenizer = pre_tokenizers.Whitespace()
+        tok.decoder = decoders.WordPiece(prefix="##")
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
+                                      continuing_subword_prefix="##", show_progress=False)
+        tok.train_from_iterator(texts, trainer)
+        cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+        tok.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)])
+        return cls(tok, context_length)
+
+    @classmethod
+    def load(cls, path: str | Path, context_length: int) -> "Tokenizer":
+        """Load a ``tokenizer.json`` (ours, saved with a run, or a HF model's)."""
+        return cls(HFTokenizer.from_file(str(path)), context_length)
+
+    def save(self, path: str | Path) -> None:
+        self.tok.save(str(path))
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tok.get_vocab_size()
+
+    def __call__(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        encs = self.tok.encode_batch(list(texts))
+        ids = torch.tensor([e.ids for e in encs], dtype=torch.long)
+        mask = torch.tensor([e.attention_mask for e in encs], dtype=torch.bool)
+        return ids, mask
+
+    def decode(self, ids) -> str:
+        return self.tok.decode(list(map(int, ids)), skip_special_tokens=True)

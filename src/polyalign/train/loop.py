@@ -1,0 +1,191 @@
+"""The training loop, top to bottom: set lr → forward → loss → backward → clip → step → log → checkpoint → eval."""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ..config import Config, save_config
+from ..data.build import build_datasets
+from ..data.loader import Collator, make_loader
+from ..errors import PolyalignError, TrainingError
+from ..model import build_model
+from ..objective import Objective
+from ..runs import evaluate_run, prepare_tokenizer, write_metrics
+from .checkpoint import find_checkpoint, load_state, load_weights, rng_state, save_checkpoint, set_rng_state
+from .curves import plot_curves, read_log
+from .optim import build_optimizer, lr_at
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def autocast(precision: str):
+    """bf16 autocast on the batch's device type, or nothing for fp32."""
+    return torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+
+
+def to_model_inputs(batch: dict) -> dict:
+    """uint8 pixels → float in [0, 1] (done here, once per batch, rather than per sample in the loader)."""
+    return {**batch, "image": batch["image"].float().div_(255.0)}
+
+
+@torch.no_grad()
+def validation_loss(model, objective, dataset, tokenizer, cfg: Config) -> float:
+    """Mean objective over the validation set in fixed batches (no dropout, training RNG untouched)."""
+    was_training = model.training
+    model.eval()
+    collate, bs, total, n = Collator(tokenizer), min(cfg.train.batch_size, len(dataset)), 0.0, 0
+    for start in range(0, len(dataset) - bs + 1, bs):
+        batch = to_model_inputs(collate([dataset[(0, i)] for i in range(start, start + bs)]))
+        with autocast(cfg.train.precision):
+            total += objective(model(batch))["loss"].item()
+        n += 1
+    model.train(was_training)
+    return total / max(n, 1)
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop log rows past the checkpoint we resume from (the killed run may have logged further)."""
+    if path.exists():
+        rows = [r for r in read_log(path) if r["step"] <= step]
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def train(cfg: Config, out_dir: str | Path, resume: bool = False, show_progress: bool = True) -> dict:
+    """Train ``cfg`` into ``out_dir``; returns the final metrics. ``resume`` continues from the latest checkpoint."""
+    out, t = Path(out_dir), cfg.train
+    ckpt_dir = out / "checkpoints"
+    last = find_checkpoint(ckpt_dir)
+    if last is not None and not resume:
+        raise PolyalignError(f"{out} already holds a run (checkpoint at step {last}): pass --resume, or another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    if t.threads:
+        torch.set_num_threads(t.threads)
+    seed_everything(t.seed)
+
+    datasets = build_datasets(cfg.data, t.seed, show_progress)
+    train_ds = datasets["train"]
+    tokenizer = prepare_tokenizer(cfg, train_ds, out)
+    model = build_model(cfg.model, cfg.data.image_size, tokenizer.vocab_size)
+    optimizer = build_optimizer(model, t)
+    objective = Objective(cfg.loss.weights)
+    start, best = 0, math.inf
+    if resume and last is not None:
+        model.load_state_dict(load_weights(ckpt_dir, last))
+        state = load_state(ckpt_dir, last)
+        optimizer.load_state_dict(state["optimizer"])
+        set_rng_state(state["rng"])
+        start, best = state["step"], state["best_val_loss"]
+        _truncate_log(out / "log.jsonl", start)
+        print(f"resuming from step {start}")
+    elif resume:
+        print(f"no checkpoint in {ckpt_dir}: starting from scratch")
+
+    def checkpoint(step: int, rng: dict | None = None) -> None:
+        nonlocal best
+        val = validation_loss(model, objective, datasets["val"], tokenizer, cfg) if "val" in datasets else math.nan
+        is_best = not val > best  # NaN-safe: no val split → every checkpoint counts as best
+        best = min(best, val) if not math.isnan(val) else best
+        state = {"optimizer": optimizer.state_dict(), "scheduler": {"step": step}, "step": step,
+                 "rng": rng or rng_state(), "best_val_loss": best}
+        save_checkpoint(ckpt_dir, step, model, state, best=is_best)
+        with open(out / "log.jsonl", "a") as f:
+            f.write(json.dumps({"step": step, "val_loss": val}) + "\n")
+
+    loader = make_loader(train_ds, tokenizer, t.batch_size, t.seed, start, cfg.data.num_workers)
+    batches = iter(loader)
+    model.train()
+    bar = tqdm(total=t.max_steps, initial=start, disable=None if show_progress else True,  # None: off when not a TTY
+                desc="train", unit="step")
+    window = {"samples": 0, "time": 0.0, "data": 0.0}
+    data_time_total = step_time_total = 0.0
+    step = completed = start
+    updating, rng_snapshot = False, None
+    try:
+        with open(out / "log.jsonl", "a") as log:
+            for step in range(start + 1, t.max_steps + 1):
+                t0 = time.perf_counter()
+                rng_snapshot = rng_state()  # lets an interrupt mid-step still save an exact checkpoint
+                batch = to_model_inputs(next(batches))  # image (B, 3, H, W), text (B, L), text_mask (B, L)
+                t_data = time.perf_counter() - t0
+                lr = lr_at(step - 1, t)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+
+                with autocast(t.precision):
+                    losses = objective(model(batch))  # {"clip_loss": ..., "loss": total}
+                if not torch.isfinite(losses["loss"]):
+                    raise TrainingError(_nan_message(step, losses, ckpt_dir))
+                optimizer.zero_grad(set_to_none=True)
+                losses["loss"].backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip or math.inf)
+                if not torch.isfinite(grad_norm):
+                    raise TrainingError(_nan_message(step, losses, ckpt_dir, what="gradient norm"))
+                updating = True
+                optimizer.step()
+                updating, completed, rng_snapshot = False, step, None
+
+                dt = time.perf_counter() - t0
+                window["samples"] += t.batch_size
+                window["time"] += dt
+                window["data"] += t_data
+                data_time_total += t_data
+                step_time_total += dt
+                if step % t.log_every == 0 or step == t.max_steps:
+                    row = {"step": step, **{k: v.item() for k, v in losses.items()}, "lr": lr,
+                           "samples_per_s": window["samples"] / window["time"],
+                           "data_frac": window["data"] / window["time"], "grad_norm": grad_norm.item(),
+                           "logit_scale": model.scale().item()}
+                    log.write(json.dumps(row) + "\n")
+                    log.flush()
+                    bar.set_postfix(loss=f"{row['loss']:.3f}", sps=f"{row['samples_per_s']:.0f}")
+                    window = {"samples": 0, "time": 0.0, "data": 0.0}
+                bar.update(1)
+                if step % t.checkpoint_every == 0 or step == t.max_steps:
+                    log.flush()
+                    checkpoint(step)
+    except KeyboardInterrupt:
+        if updating:  # a half-applied update cannot be saved exactly; the last periodic checkpoint stands
+            raise PolyalignError(f"interrupted during step {step}; continue from the last checkpoint with --resume") from None
+        if completed > start and find_checkpoint(ckpt_dir) != completed:
+            checkpoint(completed, rng_snapshot)
+        raise PolyalignError(f"interrupted after step {completed}; checkpoint saved — continue with --resume") from None
+    finally:
+        bar.close()
+
+    plot_curves(out / "log.jsonl", out / "loss.png")
+    metrics = evaluate_run(cfg, model, tokenizer, datasets, out)
+    if step_time_total:
+        metrics["train/data_time_frac"] = data_time_total / step_time_total
+        metrics["train/samples_per_s"] = (step - start) * t.batch_size / step_time_total
+    metrics["train/steps"] = step
+    skipped = sum(ds.skip_report.n_skipped for ds in datasets.values())
+    if skipped:
+        metrics["data/skipped_rows"] = skipped
+        for split, ds in datasets.items():
+            r = ds.skip_report
+            if r.n_skipped:
+                print(f"{split}: skipped {r.n_skipped} of {r.total} rows ({dict(r.skipped)}), e.g. {r.examples[0]}")
+    write_metrics(out, metrics)
+    return metrics
+
+
+def _nan_message(step: int, losses: dict, ckpt_dir: Path, what: str = "loss") -> str:
+    terms = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
+    good = find_checkpoint(ckpt_dir)
+    where = f"the last good checkpoint (step {good}) in {ckpt_dir} is intact" if good else "no checkpoint was written yet"
+    return (f"non-finite {what} at step {step} ({terms}); stopped without saving: {where}. "
+            f"Lower train.lr or use train.precision=fp32, then continue with --resume.")

@@ -1,0 +1,128 @@
+"""End-to-end training: loss falls, exact resume after SIGKILL, NaN handling, manifests with bad rows, CLI errors."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from polyalign import objective
+from polyalign.config import load_config
+from polyalign.errors import TrainingError
+from polyalign.train.checkpoint import find_checkpoint, load_weights
+from polyalign.train.loop import train
+
+
+def losses_of(run: Path) -> list[tuple]:
+    rows = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    return [(r["step"], r.get("loss"), r.get("val_loss")) for r in rows]
+
+
+def test_tiny_run_loss_falls_and_writes_outputs(tmp_path, tiny_overrides):
+    cfg = load_config(None, tiny_overrides + ["train.max_steps=40", "train.checkpoint_every=20"])
+    metrics = train(cfg, tmp_path / "run", show_progress=False)
+    rows = [r for r in losses_of(tmp_path / "run") if r[1] is not None]
+    first, last = np.mean([r[1] for r in rows[:5]]), np.mean([r[1] for r in rows[-5:]])
+    assert last < 0.8 * first, (first, last)
+    assert any("R@1" in k for k in metrics) and any("zeroshot" in k for k in metrics)
+    saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert saved["train/steps"] == 40 and 0 <= saved["train/data_time_frac"] < 1
+    for name in ("config.yaml", "tokenizer.json", "loss.png", "retrieval_examples.png"):
+        assert (tmp_path / "run" / name).exists(), name
+    ckpts = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert "latest.json" in ckpts and "best.json" in ckpts and len(ckpts) <= 6  # latest + best kept, rest pruned
+
+
+def _cli(tmp_path, out, overrides, resume=False):
+    cfg = tmp_path / "recipe.yaml"
+    cfg.write_text("train:\n  threads: 1\n")
+    cmd = [sys.executable, "-m", "polyalign", "train", str(cfg), *overrides, "--out", str(out)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(cmd + (["--resume"] if resume else []), env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def test_resume_after_sigkill_is_exact(tmp_path, tiny_overrides):
+    over = tiny_overrides + ["train.max_steps=48", "train.checkpoint_every=10", "data.num_workers=1",
+                             "model.image.dropout=0.1", "model.text.dropout=0.1"]  # dropout: RNG state must resume
+    full = _cli(tmp_path, tmp_path / "full", over)
+    assert full.wait(timeout=300) == 0, full.stderr.read()
+
+    killed = _cli(tmp_path, tmp_path / "killed", over)
+    log = tmp_path / "killed" / "log.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline:  # kill mid-epoch, between checkpoints (epoch = 8 steps)
+        if log.exists() and any(r[0] >= 25 for r in losses_of(tmp_path / "killed")):
+            killed.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.005)
+    assert killed.wait(timeout=60) == -signal.SIGKILL
+    assert find_checkpoint(tmp_path / "killed" / "checkpoints") in (20, 30)
+
+    resumed = _cli(tmp_path, tmp_path / "killed", over, resume=True)
+    assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
+    assert losses_of(tmp_path / "killed") == losses_of(tmp_path / "full")
+    a = load_weights(tmp_path / "full" / "checkpoints", 48)
+    b = load_weights(tmp_path / "killed" / "checkpoints", 48)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_nan_loss_stops_with_message_and_keeps_checkpoint(tmp_path, tiny_overrides, monkeypatch):
+    real, calls = objective.TERMS["clip"], {"n": 0}
+
+    def poisoned(out):
+        calls["n"] += 1
+        loss = real(out)
+        return loss * float("nan") if calls["n"] >= 7 and out["image_emb"].requires_grad else loss
+
+    monkeypatch.setitem(objective.TERMS, "clip", poisoned)
+    cfg = load_config(None, tiny_overrides + ["data.val_size=0"])
+    with pytest.raises(TrainingError, match=r"non-finite loss at step \d+.*last good checkpoint \(step 4\)"):
+        train(cfg, tmp_path / "run", show_progress=False)
+    ckpt = tmp_path / "run" / "checkpoints"
+    assert find_checkpoint(ckpt) == 4
+    assert all(torch.isfinite(v).all() for v in load_file(ckpt / "step-000004.safetensors").values())
+
+
+def _write_manifest(root: Path, n_good: int) -> Path:
+    from polyalign.data.shapes import ShapesDataset
+
+    ds = ShapesDataset("train", n_good, image_size=16)
+    rows = []
+    for i in range(n_good):
+        Image.fromarray(ds.images[i]).save(root / f"{i}.png")
+        rows.append({"image": f"{i}.png", "captions": ds.captions(i)[:2], "label": ds.objects(i)[0]["shape"]})
+    (root / "bad.png").write_bytes((root / "0.png").read_bytes()[:60])  # truncated PNG
+    rows += [{"image": "missing.png", "caption": "a red circle"},
+             {"image": "bad.png", "caption": "a blue star"},
+             {"image": "1.png", "caption": "   "}]
+    path = root / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_manifest_with_bad_rows_trains_and_reports(tmp_path, tiny_overrides, capsys):
+    manifest = _write_manifest(tmp_path, 80)
+    over = tiny_overrides + ["data.name=manifest", f"data.train_manifest={manifest}", f"data.test_manifest={manifest}",
+                             "data.max_bad_fraction=0.05", "train.max_steps=4", "eval.probe_max_train=64"]
+    metrics = train(load_config(None, over), tmp_path / "run", show_progress=False)
+    assert metrics["data/skipped_rows"] == 6  # 3 bad rows in each of the train and test manifests
+    assert "skipped 3 of 83 rows" in capsys.readouterr().out
+    from polyalign.errors import DataError
+    with pytest.raises(DataError, match="max_bad_fraction"):
+        train(load_config(None, over + ["data.max_bad_fraction=0.01"]), tmp_path / "run2", show_progress=False)
+
+
+def test_cli_bad_key_exits_2_without_traceback(tmp_path):
+    (tmp_path / "r.yaml").write_text("{}\n")
+    p = subprocess.run([sys.executable, "-m", "polyalign", "train", str(tmp_path / "r.yaml"), "train.max_stesp=3"],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2
+    assert "train.max_stesp" in p.stderr and "train.max_steps" in p.stderr and "Traceback" not in p.stderr
