@@ -65,7 +65,7 @@ def test_weight_decay_only_on_weight_matrices():
     assert decay["weight_decay"] > 0 and no_decay["weight_decay"] == 0
     assert all(p.ndim >= 2 for p in decay["params"])
     assert any(p is m.logit_scale for p in no_decay["params"])
-    assert any(p is m.image_encoder.pos for p in no_decay["params"])
+    assert any(p is m.text_encoder.pos for p in no_decay["params"])
 
 
 def test_schedule_warmup_then_cosine():

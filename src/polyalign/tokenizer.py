@@ -25,13 +25,16 @@ class Tokenizer:
 
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int, context_length: int) -> "Tokenizer":
-        """Learn a BPE vocabulary (lower-cased, accents stripped, ## continuation pieces) from ``texts``."""
-        tok = HFTokenizer(models.BPE(unk_token="[UNK]", continuing_subword_prefix="##"))
+        """Learn a BPE vocabulary (lower-cased, accents stripped, SentencePiece-style word starts) from ``texts``.
+
+        Word starts are marked in the text (Metaspace) rather than by a continuation prefix: the library gives
+        prefixed pieces ids in hash-map order, which made the vocabulary differ from process to process.
+        """
+        tok = HFTokenizer(models.BPE(unk_token="[UNK]"))
         tok.normalizer = normalizers.Sequence([normalizers.NFD(), normalizers.Lowercase(), normalizers.StripAccents()])
-        tok.pre_tokenizer = pre_tokenizers.Whitespace()
-        tok.decoder = decoders.WordPiece(prefix="##")
-        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
-                                      continuing_subword_prefix="##", show_progress=False)
+        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Punctuation(), pre_tokenizers.Metaspace()])
+        tok.decoder = decoders.Metaspace()
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS, show_progress=False)
         tok.train_from_iterator(texts, trainer)
         cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
         tok.post_processor = processors.TemplateProcessing(
