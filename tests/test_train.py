@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 
 from polyalign import objective
@@ -25,7 +24,7 @@ def losses_of(run: Path) -> list[tuple]:
     return [(r["step"], r.get("loss"), r.get("val_loss")) for r in rows]
 
 
-def test_tiny_run_loss_falls_and_writes_outputs(tmp_path, tiny_overrides):
+def test_tiny_run_loss_falls_and_writes_outputs(tmp_path, tiny_overrides, capsys):
     cfg = load_config(None, tiny_overrides + ["train.max_steps=40", "train.checkpoint_every=20"])
     metrics = train(cfg, tmp_path / "run", show_progress=False)
     rows = [r for r in losses_of(tmp_path / "run") if r[1] is not None]
@@ -38,6 +37,14 @@ def test_tiny_run_loss_falls_and_writes_outputs(tmp_path, tiny_overrides):
         assert (tmp_path / "run" / name).exists(), name
     ckpts = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
     assert "latest.json" in ckpts and "best.json" in ckpts and len(ckpts) <= 6  # latest + best kept, rest pruned
+
+    # `polyalign eval RUN` re-evaluates the saved weights and reproduces the end-of-training metrics
+    from polyalign.cli import main
+    assert main(["eval", str(tmp_path / "run")]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    for key in metrics:
+        if key.startswith(("retrieval/", "zeroshot/")):
+            assert printed[key] == pytest.approx(metrics[key], abs=1e-6), key
 
 
 def _cli(tmp_path, out, overrides, resume=False):
@@ -92,19 +99,16 @@ def test_nan_loss_stops_with_message_and_keeps_checkpoint(tmp_path, tiny_overrid
 
 
 def _write_manifest(root: Path, n_good: int) -> Path:
+    """A real manifest of shapes scenes, plus three bad rows: a missing file, a truncated PNG, an empty caption."""
+    from polyalign.data.export import export_manifest
     from polyalign.data.shapes import ShapesDataset
 
-    ds = ShapesDataset("train", n_good, image_size=16)
-    rows = []
-    for i in range(n_good):
-        Image.fromarray(ds.images[i]).save(root / f"{i}.png")
-        rows.append({"image": f"{i}.png", "captions": ds.captions(i)[:2], "label": ds.objects(i)[0]["shape"]})
-    (root / "bad.png").write_bytes((root / "0.png").read_bytes()[:60])  # truncated PNG
-    rows += [{"image": "missing.png", "caption": "a red circle"},
-             {"image": "bad.png", "caption": "a blue star"},
-             {"image": "1.png", "caption": "   "}]
-    path = root / "train.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    path = export_manifest(ShapesDataset("train", n_good, image_size=32), root, "train", label_field="shape")
+    (root / "bad.png").write_bytes((root / "train" / "000000.png").read_bytes()[:60])  # truncated PNG
+    bad = [{"image": "missing.png", "caption": "a red circle"}, {"image": "bad.png", "caption": "a blue star"},
+           {"image": "train/000001.png", "caption": "   "}]
+    with open(path, "a") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in bad))
     return path
 
 

@@ -3,6 +3,7 @@
     polyalign train CONFIG.yaml [key=value ...] [--out DIR] [--resume]
     polyalign eval RUN_DIR [key=value ...]
     polyalign demo [--out DIR] [key=value ...]
+    polyalign data shapes --out DIR [--train-size N] [--test-size N]
 """
 from __future__ import annotations
 
@@ -83,6 +84,16 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_data(args) -> int:
+    from .data.export import export_manifest
+    from .data.shapes import ShapesDataset
+
+    for split, n in (("train", args.train_size), ("test", args.test_size)):
+        ds = ShapesDataset(split, n, args.image_size, seed=args.seed)
+        print(f"wrote {export_manifest(ds, args.out, split, label_field='shape')} ({n} items)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="polyalign", description="Multimodal contrastive representation learning.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -97,6 +108,15 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("overrides", nargs="*", help="dotted overrides of eval.* keys, e.g. eval.max_captions=1")
     e.add_argument("--which", choices=("latest", "best"), default="latest", help="checkpoint to evaluate")
     e.set_defaults(func=cmd_eval)
+    g = sub.add_parser("data", help="build datasets")
+    gs = g.add_subparsers(dest="dataset", required=True)
+    sh = gs.add_parser("shapes", help="write the procedural shapes data as PNGs + JSONL manifests (train/test)")
+    sh.add_argument("--out", required=True)
+    sh.add_argument("--train-size", type=int, default=2000)
+    sh.add_argument("--test-size", type=int, default=500)
+    sh.add_argument("--image-size", type=int, default=48)
+    sh.add_argument("--seed", type=int, default=0)
+    sh.set_defaults(func=cmd_data)
     d = sub.add_parser("demo", help="train and evaluate the default recipe on the embedded shapes data")
     d.add_argument("overrides", nargs="*", help="dotted overrides")
     d.add_argument("--out", default="runs/demo")

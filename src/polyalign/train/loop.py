@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -108,8 +109,9 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, show_progress:
     loader = make_loader(train_ds, tokenizer, t.batch_size, t.seed, start, cfg.data.num_workers)
     batches = iter(loader)
     model.train()
-    bar = tqdm(total=t.max_steps, initial=start, disable=None if show_progress else True,  # None: off when not a TTY
-                desc="train", unit="step")
+    interactive = show_progress and sys.stderr.isatty()
+    bar = tqdm(total=t.max_steps, initial=start, disable=not interactive, desc="train", unit="step")
+    report_every = max(t.log_every, t.max_steps // 20)  # without a TTY: a plain line every ~5% of the run
     window = {"samples": 0, "time": 0.0, "data": 0.0}
     data_time_total = step_time_total = 0.0
     step = completed = start
@@ -152,6 +154,9 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, show_progress:
                     log.write(json.dumps(row) + "\n")
                     log.flush()
                     bar.set_postfix(loss=f"{row['loss']:.3f}", sps=f"{row['samples_per_s']:.0f}")
+                    if show_progress and not interactive and (step % report_every == 0 or step == t.max_steps):
+                        print(f"step {step}/{t.max_steps}  loss {row['loss']:.4f}  lr {lr:.2e}  "
+                              f"{row['samples_per_s']:.0f} samples/s  data {100 * row['data_frac']:.0f}%", flush=True)
                     window = {"samples": 0, "time": 0.0, "data": 0.0}
                 bar.update(1)
                 if step % t.checkpoint_every == 0 or step == t.max_steps:
