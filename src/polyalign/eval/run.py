@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from polyalign.errors import ConfigError
 from polyalign.eval.embed import embed_images, embed_texts
 from polyalign.eval.plots import plot_retrieval_examples
 from polyalign.eval.probe import ProbeDataError, linear_probe
@@ -100,7 +101,8 @@ def evaluate(
     fields = zeroshot_fields_of(test_ds, templates) if zeroshot_fields is None else list(zeroshot_fields)
     for field in fields:
         if field not in test_ds.label_names:
-            raise ValueError(f"zero-shot field {field!r} is not a label field of the test set: {list(test_ds.label_names)}")
+            raise ConfigError(f"eval.zeroshot_fields: {field!r} is not a label field of the test set "
+                              f"(fields: {', '.join(test_ds.label_names) or 'none'})")
         idx, y = items_with_field(test_ds, field)
         if len(torch.unique(y)) < 2:
             logger.warning("zero-shot %r skipped: %d class(es) present in the test items", field, len(torch.unique(y)))
