@@ -19,3 +19,9 @@ class DataError(PolyalignError):
 
 class TrainingError(PolyalignError):
     """Training cannot go on (e.g. a non-finite loss); the last good checkpoint is kept."""
+
+
+class Interrupted(PolyalignError):
+    """The user interrupted the run (Ctrl-C); exit code 130 as shells expect."""
+
+    exit_code = 130

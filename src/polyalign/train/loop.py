@@ -15,7 +15,7 @@ from tqdm import tqdm
 from ..config import Config, save_config
 from ..data.build import build_datasets
 from ..data.loader import Collator, make_loader
-from ..errors import PolyalignError, TrainingError
+from ..errors import Interrupted, PolyalignError, TrainingError
 from ..model import build_model
 from ..objective import Objective
 from ..runs import evaluate_run, prepare_tokenizer, write_metrics
@@ -164,10 +164,10 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, show_progress:
                     checkpoint(step)
     except KeyboardInterrupt:
         if updating:  # a half-applied update cannot be saved exactly; the last periodic checkpoint stands
-            raise PolyalignError(f"interrupted during step {step}; continue from the last checkpoint with --resume") from None
+            raise Interrupted(f"interrupted during step {step}; continue from the last checkpoint with --resume") from None
         if completed > start and find_checkpoint(ckpt_dir) != completed:
             checkpoint(completed, rng_snapshot)
-        raise PolyalignError(f"interrupted after step {completed}; checkpoint saved — continue with --resume") from None
+        raise Interrupted(f"interrupted after step {completed}; checkpoint saved — continue with --resume") from None
     finally:
         bar.close()
 
