@@ -20,7 +20,9 @@ def plot_curves(log_path: Path, out_path: Path) -> None:
     if not rows:
         return
     fig, (ax, ax_lr) = plt.subplots(1, 2, figsize=(10, 3.5))
-    for key in sorted({k for r in rows for k in r if k.endswith("loss")}):
+    keys = sorted({k for r in rows for k in r if k.endswith("loss")})
+    terms = [k for k in keys if k not in ("loss", "val_loss")]
+    for key in [k for k in keys if len(terms) > 1 or k not in terms]:  # one term: it is the total
         pts = [(r["step"], r[key]) for r in rows if key in r]
         ax.plot(*zip(*pts), label=key)
     ax.set_xlabel("step"), ax.set_ylabel("loss"), ax.set_yscale("log"), ax.legend(), ax.grid(alpha=0.3)
