@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..config import Config, save_config
+from ..config import Config, load_config, save_config, to_dict
 from ..data.build import build_datasets
 from ..data.loader import Collator, make_loader
 from ..errors import Interrupted, PolyalignError, TrainingError
@@ -64,6 +64,18 @@ def _truncate_log(path: Path, step: int) -> None:
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
+def _warn_config_changes(old: Config, new: Config) -> None:
+    """Resuming is exact only with the recipe unchanged: name every key that differs from the saved one."""
+    def flat(d, prefix=""):
+        return {k2: v2 for k, v in d.items()
+                for k2, v2 in (flat(v, f"{prefix}{k}.").items() if isinstance(v, dict) else [(prefix + k, v)])}
+    a, b = flat(to_dict(old)), flat(to_dict(new))
+    changed = [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
+    if changed:
+        print("warning: resuming with a changed config (the run is no longer exactly reproducible):\n  "
+              + "\n  ".join(changed))
+
+
 def train(cfg: Config, out_dir: str | Path, resume: bool = False, show_progress: bool = True) -> dict:
     """Train ``cfg`` into ``out_dir``; returns the final metrics. ``resume`` continues from the latest checkpoint."""
     out, t = Path(out_dir), cfg.train
@@ -72,6 +84,8 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, show_progress:
     if last is not None and not resume:
         raise PolyalignError(f"{out} already holds a run (checkpoint at step {last}): pass --resume, or another --out")
     out.mkdir(parents=True, exist_ok=True)
+    if resume and last is not None:
+        _warn_config_changes(load_config(out / "config.yaml"), cfg)
     save_config(cfg, out / "config.yaml")
     if t.threads:
         torch.set_num_threads(t.threads)
