@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 TORCH  := torch==2.13.0
 
-.PHONY: install demo test clean
+.PHONY: install speech-deps demo test clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,10 +16,15 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# espeak-ng speaks captions for `polyalign data speech`; installed from Debian when missing (needs root).
+speech-deps:
+	@command -v espeak-ng >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq espeak-ng >/dev/null; } \
+	  || echo "warning: could not install espeak-ng (apt-get install -y espeak-ng); speech tests will be skipped"
+
 demo: $(STAMP)
 	$(BIN)/polyalign demo
 
-test: $(STAMP)
+test: $(STAMP) speech-deps
 	$(BIN)/python -m pytest
 
 clean:

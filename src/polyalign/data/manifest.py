@@ -26,7 +26,7 @@ class BadRow(Exception):
     """A manifest row that cannot be used; the message is the reason counted in the skip report."""
 
 
-def _read_rows(path: Path) -> list[tuple[int, dict | None]]:
+def read_rows(path: Path) -> list[tuple[int, dict | None]]:
     """(line number, row) for every non-blank row; the row is None where the line is not a JSON object."""
     if path.suffix.lower() in (".jsonl", ".json"):
         rows = []
@@ -46,7 +46,7 @@ def _read_rows(path: Path) -> list[tuple[int, dict | None]]:
     raise DataError(f"manifest {path} must end in .jsonl, .json or .csv")
 
 
-def _strings(value) -> list[str]:
+def string_list(value) -> list[str]:
     """A list of non-empty stripped strings from a list, or from a '|'-separated string."""
     if isinstance(value, str):
         value = value.split("|")
@@ -76,8 +76,8 @@ def _parse_row(row: dict | None, root: Path, image_size: int) -> tuple[np.ndarra
     """(image, captions, label, tags) of one manifest row, or BadRow with the reason."""
     if row is None or not isinstance(row.get("image"), str) or not row["image"].strip():
         raise BadRow("bad row")
-    caps = _strings([row.get("caption") or ""]) + _strings(row.get("captions") or [])
-    label, tags = row.get("label"), _strings(row.get("tags") or [])
+    caps = string_list([row.get("caption") or ""]) + string_list(row.get("captions") or [])
+    label, tags = row.get("label"), string_list(row.get("tags") or [])
     if label is not None and not isinstance(label, str):
         raise BadRow("bad row")
     if not caps:
@@ -96,7 +96,7 @@ class ManifestDataset(ImageTextDataset):
         if not path.is_file():
             raise DataError(f"manifest not found: {path}")
         self.path, self.image_size, self.seed = path, image_size, seed
-        rows = _read_rows(path)
+        rows = read_rows(path)
         self.skip_report = SkipReport(total=len(rows))
         images, self._captions, labels, self._tags = [], [], [], []
         old_truncated, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
