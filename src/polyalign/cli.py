@@ -4,6 +4,8 @@
     polyalign eval RUN_DIR [key=value ...]
     polyalign demo [--out DIR] [key=value ...]
     polyalign data shapes --out DIR [--train-size N] [--test-size N]
+    polyalign data speech --manifest M --out DIR [--voices v1,v2] [--captions-per-item K] [--limit N]
+    polyalign data emoji --out DIR [--styles google,twitter] [--source PATH ...] [--cache DIR] [--allow-unlicensed]
 """
 from __future__ import annotations
 
@@ -94,6 +96,33 @@ def cmd_data(args) -> int:
     return 0
 
 
+def cmd_data_emoji(args) -> int:
+    from .data.emoji import build_emoji_dataset
+
+    info = build_emoji_dataset(args.out, [s.strip() for s in args.styles.split(",") if s.strip()], args.source,
+                               args.cache, allow_unlicensed=args.allow_unlicensed)
+    rows = ", ".join(f"{name} {n}" for name, n in info["rows"].items())
+    print(f"emoji: {info['concepts']} concepts ({info['concepts_in_all_styles']} in every style); rows: {rows}")
+    for style, rep in info["skipped"].items():
+        why = ", ".join(f"{reason}: {n}" for reason, n in rep["skipped"].items()) or "none"
+        print(f"  {style}: skipped {sum(rep['skipped'].values())} of {rep['total']} ({why})"
+              + (f"; e.g. {'; '.join(rep['examples'][:3])}" if rep["examples"] else ""))
+    print(f"wrote {args.out} in {info['elapsed_s']:.1f} s (licences and counts in {Path(args.out) / 'README.txt'})")
+    return 0
+
+
+def cmd_data_speech(args) -> int:
+    from .data.speech import VOICES, build_speech
+
+    voices = tuple(v.strip() for v in args.voices.split(",") if v.strip()) if args.voices else VOICES
+    path, report = build_speech(args.manifest, args.out, voices, seed=args.seed,
+                                captions_per_item=args.captions_per_item, limit=args.limit)
+    kept = sum(1 for _ in open(path))
+    skipped = f"; skipped {report.n_skipped} ({dict(report.skipped)}), e.g. {report.examples[0]}" if report.n_skipped else ""
+    print(f"wrote {path}: {kept} clips from {report.total} rows{skipped}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="polyalign", description="Multimodal contrastive representation learning.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -117,6 +146,22 @@ def build_parser() -> argparse.ArgumentParser:
     sh.add_argument("--image-size", type=int, default=48)
     sh.add_argument("--seed", type=int, default=0)
     sh.set_defaults(func=cmd_data)
+    em = gs.add_parser("emoji", help="emoji images + names/tags from npm emoji-datasource-<style> and emojibase-data")
+    em.add_argument("--out", required=True)
+    em.add_argument("--styles", default="google,twitter", help="comma-separated; the last one is the style-split test")
+    em.add_argument("--source", action="append", default=[], metavar="PATH",
+                    help="an `npm pack` tarball or extracted package folder (repeatable); others come from npm")
+    em.add_argument("--cache", default="cache/npm", help="where `npm pack` tarballs are kept and reused")
+    em.add_argument("--allow-unlicensed", action="store_true", help="allow styles that are not openly licensed")
+    em.set_defaults(func=cmd_data_emoji)
+    sp = gs.add_parser("speech", help="speak a manifest's captions with espeak-ng → 16 kHz WAVs + audio–text manifest")
+    sp.add_argument("--manifest", required=True, help="an image–text manifest (JSONL/CSV)")
+    sp.add_argument("--out", required=True)
+    sp.add_argument("--voices", default="", help="comma-separated espeak-ng voices (default: 8 English voices)")
+    sp.add_argument("--captions-per-item", type=int, default=1)
+    sp.add_argument("--limit", type=int, default=None, help="only the first N rows")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.set_defaults(func=cmd_data_speech)
     d = sub.add_parser("demo", help="train and evaluate the default recipe on the embedded shapes data")
     d.add_argument("overrides", nargs="*", help="dotted overrides")
     d.add_argument("--out", default="runs/demo")

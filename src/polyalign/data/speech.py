@@ -3,7 +3,8 @@
 Every clip gets a voice, speed and pitch drawn from (seed, row, caption), so a rebuild gives the same files.
 Output: ``OUT/audio/<row>_<k>.wav`` (16 kHz mono PCM16) and ``OUT/speech.jsonl`` with rows
 ``{"audio", "caption", "voice", "speed", "pitch", "duration_s", "item", ...}``, where ``item`` is the source row's
-line number and the source row's ``label``, ``concept_id``, ``category``, ``style`` and ``image`` are carried over.
+line number and the source row's ``label``, ``concept_id``, ``category``, ``style`` and ``image`` are carried over
+(``image`` stays relative to the source manifest).
 """
 from __future__ import annotations
 
