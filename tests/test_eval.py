@@ -197,9 +197,14 @@ def test_linear_probe_rejects_unusable_labels():
     x = torch.randn(12, 4)
     with pytest.raises(ValueError, match="at least 2 classes"):
         linear_probe(x, torch.zeros(12, dtype=torch.long), x, torch.zeros(12, dtype=torch.long))
-    y = torch.tensor([0] * 10 + [1] * 2)
-    with pytest.raises(ValueError, match="per class"):
-        linear_probe(x, y, x, y)
+
+
+def test_linear_probe_keeps_rare_classes_in_the_fit():
+    g = torch.Generator().manual_seed(0)
+    y = torch.tensor([0] * 30 + [1] * 30 + [2] * 2)  # class 2 is too rare to hold any out for choosing C
+    centres = torch.tensor([[4.0, 0.0], [0.0, 4.0], [-4.0, -4.0]])
+    x = centres[y] + 0.3 * torch.randn(len(y), 2, generator=g)
+    assert linear_probe(x, y, centres, torch.arange(3)) == 1.0  # the rare class is still learned
 
 
 def test_evaluate_end_to_end(tmp_path):
