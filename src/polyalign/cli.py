@@ -86,7 +86,7 @@ def cmd_demo(args) -> int:
     return 0
 
 
-def cmd_data(args) -> int:
+def cmd_data_shapes(args) -> int:
     from .data.export import export_manifest
     from .data.shapes import ShapesDataset
 
@@ -117,7 +117,7 @@ def cmd_data_speech(args) -> int:
     voices = tuple(v.strip() for v in args.voices.split(",") if v.strip()) if args.voices else VOICES
     path, report = build_speech(args.manifest, args.out, voices, seed=args.seed,
                                 captions_per_item=args.captions_per_item, limit=args.limit)
-    kept = sum(1 for _ in open(path))
+    kept = len(path.read_text().splitlines())
     skipped = f"; skipped {report.n_skipped} ({dict(report.skipped)}), e.g. {report.examples[0]}" if report.n_skipped else ""
     print(f"wrote {path}: {kept} clips from {report.total} rows{skipped}")
     return 0
@@ -145,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     sh.add_argument("--test-size", type=int, default=500)
     sh.add_argument("--image-size", type=int, default=48)
     sh.add_argument("--seed", type=int, default=0)
-    sh.set_defaults(func=cmd_data)
+    sh.set_defaults(func=cmd_data_shapes)
     em = gs.add_parser("emoji", help="emoji images + names/tags from npm emoji-datasource-<style> and emojibase-data")
     em.add_argument("--out", required=True)
     em.add_argument("--styles", default="google,twitter", help="comma-separated; the last one is the style-split test")

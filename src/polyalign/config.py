@@ -126,19 +126,20 @@ def _fields(obj) -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(obj)}
 
 
-def _all_keys(obj, prefix="") -> list[str]:
-    keys = []
-    for name, f in _fields(obj).items():
+def flat_items(obj, prefix="") -> dict[str, object]:
+    """Every leaf of the config tree as ``{"dotted.key": value}``."""
+    out = {}
+    for name in _fields(obj):
         value = getattr(obj, name)
         if dataclasses.is_dataclass(value):
-            keys += _all_keys(value, f"{prefix}{name}.")
+            out.update(flat_items(value, f"{prefix}{name}."))
         else:
-            keys.append(prefix + name)
-    return keys
+            out[prefix + name] = value
+    return out
 
 
 def _unknown(cfg: Config, key: str) -> ConfigError:
-    close = difflib.get_close_matches(key, _all_keys(cfg), n=3, cutoff=0.5)
+    close = difflib.get_close_matches(key, list(flat_items(cfg)), n=3, cutoff=0.5)
     hint = f"; did you mean {', '.join(close)}?" if close else ""
     return ConfigError(f"unknown config key '{key}'{hint}")
 

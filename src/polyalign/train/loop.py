@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..config import Config, load_config, save_config, to_dict
+from ..config import Config, flat_items, load_config, save_config
 from ..data.build import build_datasets
 from ..data.loader import Collator, make_loader
 from ..errors import Interrupted, PolyalignError, TrainingError
@@ -66,10 +66,7 @@ def _truncate_log(path: Path, step: int) -> None:
 
 def _warn_config_changes(old: Config, new: Config) -> None:
     """Resuming is exact only with the recipe unchanged: name every key that differs from the saved one."""
-    def flat(d, prefix=""):
-        return {k2: v2 for k, v in d.items()
-                for k2, v2 in (flat(v, f"{prefix}{k}.").items() if isinstance(v, dict) else [(prefix + k, v)])}
-    a, b = flat(to_dict(old)), flat(to_dict(new))
+    a, b = flat_items(old), flat_items(new)
     changed = [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
     if changed:
         print("warning: resuming with a changed config (the run is no longer exactly reproducible):\n  "
@@ -125,7 +122,7 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, show_progress:
     model.train()
     interactive = show_progress and sys.stderr.isatty()
     bar = tqdm(total=t.max_steps, initial=start, disable=not interactive, desc="train", unit="step")
-    report_every = max(t.log_every, t.max_steps // 20)  # without a TTY: a plain line every ~5% of the run
+    report_every = t.log_every * max(1, t.max_steps // 20 // t.log_every)  # no TTY: a line every ~5% of the run
     window = {"samples": 0, "time": 0.0, "data": 0.0}
     data_time_total = step_time_total = 0.0
     step = completed = start
