@@ -234,3 +234,11 @@ def test_evaluate_skips_single_class_field_with_warning(caplog):
         results = evaluate(ToyModel(), toy_tokenizer, OneSizeDataset(30), OneSizeDataset(30), zeroshot_fields=["size"])
     assert not any(k.startswith(("zeroshot/", "probe/")) for k in results)
     assert "zero-shot 'size' skipped" in caplog.text and "linear probe on 'size' skipped" in caplog.text
+
+
+def test_prompt_names_read_as_words():
+    from polyalign.eval.zeroshot import prompt_name
+
+    assert prompt_name("face-smiling") == "face smiling"
+    assert prompt_name("golden_retriever") == "golden retriever"
+    assert prompt_name("Smileys & Emotion") == "Smileys & Emotion"

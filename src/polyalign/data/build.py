@@ -17,12 +17,13 @@ def build_datasets(cfg: DataConfig, sample_seed: int, show_progress: bool = True
         from .manifest import ManifestDataset
 
         train = ManifestDataset(cfg.train_manifest, cfg.image_size, max_bad_fraction=cfg.max_bad_fraction,
-                                show_progress=show_progress)
+                                show_progress=show_progress, label_fields=cfg.label_fields)
         out = {"train": train}
         for split, path in (("val", cfg.val_manifest), ("test", cfg.test_manifest)):
             if path:
                 out[split] = ManifestDataset(path, cfg.image_size, max_bad_fraction=cfg.max_bad_fraction,
-                                             label_names=train.label_names, show_progress=show_progress)
+                                             label_names=train.label_names, show_progress=show_progress,
+                                             label_fields=cfg.label_fields)
     for ds in out.values():
         ds.sample_seed = sample_seed
     return out

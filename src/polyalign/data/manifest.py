@@ -1,7 +1,8 @@
 """Users' own image–text data, listed in a JSONL or CSV manifest.
 
 Each row names an ``image`` (relative to the manifest's folder, or absolute), a ``caption`` or ``captions``
-(a JSON list, or ``|``-separated in CSV), and optionally a ``label`` and ``tags`` (list, or ``|``-separated).
+(a JSON list, or ``|``-separated in CSV), and optionally ``tags`` (list, or ``|``-separated) and class labels: one
+string per label field (``label`` by default; ``label_fields=("category", "subcategory")`` reads those columns).
 Every row is checked and its image decoded, resized and centre-cropped once at construction; bad rows are
 skipped and counted, and too many of them is an error.
 """
@@ -72,30 +73,39 @@ def load_image(path: Path, image_size: int) -> np.ndarray:
         raise BadRow("corrupt image") from e
 
 
-def _parse_row(row: dict | None, root: Path, image_size: int) -> tuple[np.ndarray, list[str], str | None, list[str]]:
-    """(image, captions, label, tags) of one manifest row, or BadRow with the reason."""
+def _parse_row(row: dict | None, root: Path, image_size: int,
+               label_fields: tuple[str, ...]) -> tuple[np.ndarray, list[str], dict[str, str], list[str]]:
+    """(image, captions, {field: class name}, tags) of one manifest row, or BadRow with the reason."""
     if row is None or not isinstance(row.get("image"), str) or not row["image"].strip():
         raise BadRow("bad row")
     caps = string_list([row.get("caption") or ""]) + string_list(row.get("captions") or [])
-    label, tags = row.get("label"), string_list(row.get("tags") or [])
-    if label is not None and not isinstance(label, str):
-        raise BadRow("bad row")
+    tags = string_list(row.get("tags") or [])
+    labels = {}
+    for name in label_fields:
+        value = row.get(name)
+        if value is not None and not isinstance(value, str):
+            raise BadRow("bad row")
+        if (value or "").strip():
+            labels[name] = value.strip()
     if not caps:
         raise BadRow("empty caption")
-    return load_image(root / row["image"].strip(), image_size), caps, (label or "").strip() or None, tags
+    return load_image(root / row["image"].strip(), image_size), caps, labels, tags
 
 
 class ManifestDataset(ImageTextDataset):
     """Images and captions listed in a JSONL/CSV manifest, validated and held in memory as uint8."""
 
-    prompt_templates = {"label": ["a {}", "a picture of a {}"]}
+    DEFAULT_TEMPLATES = ["a {}", "a picture of a {}"]
 
     def __init__(self, path: str | Path, image_size: int = 48, seed: int = 0, max_bad_fraction: float = 0.01,
-                 label_names: dict[str, list[str]] | None = None, show_progress: bool = True):
+                 label_names: dict[str, list[str]] | None = None, show_progress: bool = True,
+                 label_fields: tuple[str, ...] | list[str] = ("label",)):
         path = Path(path)
         if not path.is_file():
             raise DataError(f"manifest not found: {path}")
         self.path, self.image_size, self.seed = path, image_size, seed
+        label_fields = tuple(label_fields)
+        self.prompt_templates = {name: self.DEFAULT_TEMPLATES for name in label_fields}
         rows = read_rows(path)
         self.skip_report = SkipReport(total=len(rows))
         images, self._captions, labels, self._tags = [], [], [], []
@@ -104,7 +114,7 @@ class ManifestDataset(ImageTextDataset):
             for number, row in tqdm(rows, desc=f"loading {path.name}", unit="row",
                                     disable=not show_progress or len(rows) < PROGRESS_MIN_ROWS):
                 try:
-                    image, caps, label, tags = _parse_row(row, path.parent, image_size)
+                    image, caps, label, tags = _parse_row(row, path.parent, image_size, label_fields)
                 except BadRow as e:
                     self.skip_report.skip(str(e), f"{path.name}:{number}")
                     continue
@@ -117,11 +127,13 @@ class ManifestDataset(ImageTextDataset):
         self._check_bad_rows(max_bad_fraction)
         self.images = np.stack(images)
         if label_names is None:
-            found = sorted({lab for lab in labels if lab is not None})
-            label_names = {"label": found} if found else {}
+            found = {name: sorted({lab[name] for lab in labels if name in lab}) for name in label_fields}
+            label_names = {name: classes for name, classes in found.items() if classes}
         self.label_names = label_names
-        index = {name: k for k, name in enumerate(label_names.get("label", []))}
-        self._labels = [index.get(lab) for lab in labels]  # unknown to a reused vocabulary: absent
+        index = {name: {c: k for k, c in enumerate(classes)} for name, classes in label_names.items()}
+        # a class unknown to a reused vocabulary (a test-only class) is left out of that item's labels
+        self._labels = [{name: index[name][c] for name, c in lab.items() if c in index.get(name, {})}
+                        for lab in labels]
 
     def _check_bad_rows(self, max_bad_fraction: float) -> None:
         """Raise DataError when too many rows were skipped, or none is left."""
@@ -146,7 +158,7 @@ class ManifestDataset(ImageTextDataset):
         return self._captions[i]
 
     def labels(self, i: int) -> dict[str, int]:
-        return {} if self._labels[i] is None else {"label": self._labels[i]}
+        return self._labels[i]
 
     def tags(self, i: int) -> list[str]:
         return self._tags[i]

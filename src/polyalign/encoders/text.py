@@ -43,17 +43,25 @@ def resolve_hf_path(path: str) -> Path:
 
 
 class HFTextEncoder(nn.Module):
-    """A pretrained HF text tower loaded offline from a local directory; ``lock`` freezes it (LiT, arXiv 2111.07991)."""
+    """A pretrained HF text tower loaded offline from a local directory; ``lock`` freezes it (LiT, arXiv 2111.07991).
+
+    A locked tower is a fixed function of the token ids, so with ``cache`` its outputs are kept per distinct
+    token sequence and computed once: ``warm_cache`` fills the cache with the training captions in a fixed order
+    (sorted, fixed batches), so the values do not depend on batch composition and a resumed run is exact.
+    """
 
     pool = "mean"
+    WARM_BATCH = 256
 
-    def __init__(self, path: str, lock: bool = False):
+    def __init__(self, path: str, lock: bool = False, cache: bool = True):
         super().__init__()
         from transformers import AutoModel  # imported lazily: heavy, and only this encoder needs it
 
         self.model = AutoModel.from_pretrained(str(resolve_hf_path(path)), local_files_only=True)
         self.width = self.model.config.hidden_size
         self.lock = lock
+        self.cache_enabled = lock and cache
+        self._cache: dict[tuple[int, ...], torch.Tensor] = {}  # token ids (unpadded) → (n, D) outputs
         if lock:
             self.model.requires_grad_(False)
 
@@ -63,7 +71,49 @@ class HFTextEncoder(nn.Module):
             self.model.eval()  # a locked tower keeps dropout off
         return self
 
-    def forward(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def _run(self, ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         attn = None if mask is None else mask.long()
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.lock):
             return self.model(input_ids=ids, attention_mask=attn).last_hidden_state  # (B, L, D)
+
+    @staticmethod
+    def _keys(ids: torch.Tensor, mask: torch.Tensor | None) -> list[tuple[int, ...]]:
+        rows = ids.tolist()
+        if mask is None:
+            return [tuple(r) for r in rows]
+        return [tuple(t for t, m in zip(r, mr) if m) for r, mr in zip(rows, mask.tolist())]
+
+    def _fill(self, keys: list[tuple[int, ...]]) -> None:
+        """Compute and store the outputs of ``keys`` (distinct, not cached) in one padded batch."""
+        device = self.model.device
+        length = max(len(k) for k in keys)
+        ids = torch.zeros(len(keys), length, dtype=torch.long, device=device)
+        mask = torch.zeros(len(keys), length, dtype=torch.bool, device=device)
+        for row, key in enumerate(keys):
+            ids[row, : len(key)] = torch.tensor(key, device=device)
+            mask[row, : len(key)] = True
+        with torch.no_grad():
+            out = self._run(ids, mask)  # (n, length, D)
+        for row, key in enumerate(keys):
+            self._cache[key] = out[row, : len(key)].clone()
+
+    def warm_cache(self, tokenizer, texts) -> int:
+        """Cache the outputs for ``texts`` (deduplicated, sorted, fixed batches); returns the number cached."""
+        if not self.cache_enabled:
+            return 0
+        keys = sorted(set(self._keys(*tokenizer(sorted(set(texts))))) - self._cache.keys())
+        for start in range(0, len(keys), self.WARM_BATCH):
+            self._fill(keys[start : start + self.WARM_BATCH])
+        return len(keys)
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        if not self.cache_enabled:
+            return self._run(ids, mask)
+        keys = self._keys(ids, mask)
+        missing = list(dict.fromkeys(k for k in keys if k not in self._cache))
+        if missing:
+            self._fill(missing)
+        out = torch.zeros(ids.shape[0], ids.shape[1], self.width, device=ids.device)  # padding stays 0
+        for row, key in enumerate(keys):
+            out[row, : len(key)] = self._cache[key]  # a left-aligned mask, as the tokenizer makes
+        return out

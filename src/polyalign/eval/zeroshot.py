@@ -8,11 +8,16 @@ import torch.nn.functional as F
 from polyalign.eval.embed import embed_texts
 
 
+def prompt_name(classname: str) -> str:
+    """A class name as it reads in a prompt: ``face-smiling`` → ``face smiling``, ``golden_retriever`` → ``golden retriever``."""
+    return " ".join(classname.replace("-", " ").replace("_", " ").split())
+
+
 def zeroshot_classifier(model, tokenizer, classnames: list[str], templates: list[str], batch_size: int = 256) -> torch.Tensor:
     """(C, D) class weights: per class, the renormalised mean of its normalised template embeddings."""
     if not classnames or not templates:
         raise ValueError("zeroshot_classifier needs at least one class name and one template")
-    texts = [template.format(name) for name in classnames for template in templates]
+    texts = [template.format(prompt_name(name)) for name in classnames for template in templates]
     emb = embed_texts(model, tokenizer, texts, batch_size).view(len(classnames), len(templates), -1)  # (C, T, D)
     return F.normalize(F.normalize(emb, dim=-1).mean(dim=1), dim=-1)
 

@@ -92,6 +92,12 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, show_progress:
     train_ds = datasets["train"]
     tokenizer = prepare_tokenizer(cfg, train_ds, out)
     model = build_model(cfg.model, cfg.data.image_size, tokenizer.vocab_size)
+    warm_cache = getattr(model.text_encoder, "warm_cache", None)
+    if warm_cache is not None:  # a locked pretrained tower: embed every training caption once, up front
+        t0 = time.perf_counter()
+        n = warm_cache(tokenizer, train_ds.all_captions())
+        if n:
+            print(f"cached the locked text tower's outputs for {n} captions in {time.perf_counter() - t0:.0f} s")
     optimizer = build_optimizer(model, t)
     objective = Objective(cfg.loss.weights)
     start, best = 0, math.inf
