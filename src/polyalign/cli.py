@@ -3,6 +3,8 @@
     polyalign train CONFIG.yaml [key=value ...] [--out DIR] [--resume]
     polyalign eval RUN_DIR [key=value ...]
     polyalign demo [--out DIR] [key=value ...]
+    polyalign sweep CONFIG.yaml --seeds 0,1,2 --out DIR [key=value ...]
+    polyalign table SWEEP_DIR [SWEEP_DIR ...] --metrics a,b [--names x,y]
     polyalign data shapes --out DIR [--train-size N] [--test-size N]
     polyalign data speech --manifest M --out DIR [--voices v1,v2] [--captions-per-item K] [--limit N]
     polyalign data emoji --out DIR [--styles google,twitter] [--source PATH ...] [--cache DIR] [--allow-unlicensed]
@@ -64,6 +66,31 @@ def cmd_eval(args) -> int:
         metrics = {**json.loads(previous.read_text()), **metrics}
     write_metrics(Path(args.run_dir), metrics)
     print(json.dumps(metrics, indent=2, sort_keys=True))
+    return 0
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def cmd_sweep(args) -> int:
+    from .sweep import run_sweep, summary_markdown
+
+    out = args.out or str(Path("runs") / Path(args.config).stem)
+    summary = run_sweep(args.config, args.seeds, out, args.overrides)
+    print(summary_markdown(summary))
+    print(f"summary: {Path(out) / 'summary.json'}")
+    return 0
+
+
+def cmd_table(args) -> int:
+    from .sweep import compare_table
+
+    names = [n.strip() for n in args.names.split(",")] if args.names else None
+    print(compare_table(args.sweeps, [m.strip() for m in args.metrics.split(",") if m.strip()], names), end="")
     return 0
 
 
@@ -162,6 +189,17 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--limit", type=int, default=None, help="only the first N rows")
     sp.add_argument("--seed", type=int, default=0)
     sp.set_defaults(func=cmd_data_speech)
+    sw = sub.add_parser("sweep", help="train a recipe once per seed; write mean ± std of every metric")
+    sw.add_argument("config", help="recipe YAML (see configs/)")
+    sw.add_argument("overrides", nargs="*", help="dotted overrides applied to every seed")
+    sw.add_argument("--seeds", type=_int_list, default=[0, 1, 2], help="comma-separated seeds (default 0,1,2)")
+    sw.add_argument("--out", help="sweep directory (default runs/<recipe name>); seed s trains into OUT/seed-s")
+    sw.set_defaults(func=cmd_sweep)
+    tb = sub.add_parser("table", help="a markdown table of several sweeps' mean ± std")
+    tb.add_argument("sweeps", nargs="+", help="sweep directories (holding summary.json)")
+    tb.add_argument("--metrics", required=True, help="comma-separated metric keys, e.g. retrieval/t2i_R@1")
+    tb.add_argument("--names", default="", help="comma-separated row names (default: directory names)")
+    tb.set_defaults(func=cmd_table)
     d = sub.add_parser("demo", help="train and evaluate the default recipe on the embedded shapes data")
     d.add_argument("overrides", nargs="*", help="dotted overrides")
     d.add_argument("--out", default="runs/demo")
