@@ -1,5 +1,6 @@
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -45,3 +46,45 @@ def test_gradient_flows_to_both_sides_and_scale():
     s = torch.tensor(2.0, requires_grad=True)
     info_nce(F.normalize(a, dim=-1), F.normalize(b, dim=-1), s).backward()
     assert a.grad.abs().sum() > 0 and b.grad.abs().sum() > 0 and s.grad.abs() > 0
+
+
+@pytest.mark.parametrize("batch,tile", [(37, 8), (64, 64), (50, 7), (5, 256)])
+def test_tiled_equals_dense_in_value_and_gradients(batch, tile):
+    from polyalign.losses.tiled import tiled_info_nce
+
+    g = torch.Generator().manual_seed(batch)
+    a0 = F.normalize(torch.randn(batch, 16, generator=g), dim=1)
+    b0 = F.normalize(a0 + 0.5 * torch.randn(batch, 16, generator=g), dim=1)
+    results = []
+    for loss_fn in (info_nce, lambda a, b, s: tiled_info_nce(a, b, s, tile=tile)):
+        a, b = a0.clone().requires_grad_(), b0.clone().requires_grad_()
+        s = torch.tensor(14.0, requires_grad=True)
+        loss = loss_fn(a, b, s)
+        results.append((loss, *torch.autograd.grad(loss * 3.0, [a, b, s])))  # a non-unit upstream gradient
+    for dense, tiled in zip(*results):
+        assert torch.allclose(dense, tiled, atol=1e-5, rtol=1e-5)
+
+
+def test_tiled_cross_entropy_with_offset_equals_dense_rows():
+    from polyalign.losses.tiled import tiled_cross_entropy
+
+    g = torch.Generator().manual_seed(1)
+    keys = F.normalize(torch.randn(24, 8, generator=g), dim=1).requires_grad_()
+    q = F.normalize(torch.randn(6, 8, generator=g), dim=1).requires_grad_()
+    dense = F.cross_entropy(10.0 * q @ keys.T, torch.arange(6) + 12)
+    tiled = tiled_cross_entropy(q, keys, 10.0, offset=12, tile=4)
+    assert torch.allclose(dense, tiled, atol=1e-6)
+    for x, y in zip(torch.autograd.grad(dense, [q, keys]), torch.autograd.grad(tiled, [q, keys])):
+        assert torch.allclose(x, y, atol=1e-6)
+
+
+def test_tiled_loss_is_selected_by_config():
+    from polyalign.config import LossConfig
+    from polyalign.objective import Objective
+
+    g = torch.Generator().manual_seed(2)
+    out = {"image_emb": F.normalize(torch.randn(20, 8, generator=g), dim=1),
+           "text_emb": F.normalize(torch.randn(20, 8, generator=g), dim=1), "logit_scale": torch.tensor(5.0)}
+    dense = Objective(LossConfig())(out)["loss"]
+    tiled = Objective(LossConfig(contrastive="tiled", tile=3))(out)["loss"]
+    assert torch.allclose(dense, tiled, atol=1e-6)

@@ -47,33 +47,36 @@ def test_tiny_run_loss_falls_and_writes_outputs(tmp_path, tiny_overrides, capsys
             assert printed[key] == pytest.approx(metrics[key], abs=1e-6), key
 
 
-def _cli(tmp_path, out, overrides, resume=False):
+def _cli(tmp_path, out, overrides, resume=False, nproc=1):
     cfg = tmp_path / "recipe.yaml"
     cfg.write_text("train:\n  threads: 1\n")
-    cmd = [sys.executable, "-m", "polyalign", "train", str(cfg), *overrides, "--out", str(out)]
+    launcher = [sys.executable, "-m", "polyalign"] if nproc == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "-m", "polyalign"]
+    cmd = [*launcher, "train", str(cfg), *overrides, "--out", str(out)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen(cmd + (["--resume"] if resume else []), env=env,
+    return subprocess.Popen(cmd + (["--resume"] if resume else []), env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
-def test_resume_after_sigkill_is_exact(tmp_path, tiny_overrides):
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_resume_after_sigkill_is_exact(tmp_path, tiny_overrides, nproc):
     over = tiny_overrides + ["train.max_steps=48", "train.checkpoint_every=10", "data.num_workers=1",
                              "model.image.dropout=0.1", "model.text.dropout=0.1"]  # dropout: RNG state must resume
-    full = _cli(tmp_path, tmp_path / "full", over)
+    full = _cli(tmp_path, tmp_path / "full", over, nproc=nproc)
     assert full.wait(timeout=300) == 0, full.stderr.read()
 
-    killed = _cli(tmp_path, tmp_path / "killed", over)
+    killed = _cli(tmp_path, tmp_path / "killed", over, nproc=nproc)
     log = tmp_path / "killed" / "log.jsonl"
     deadline = time.time() + 240
     while time.time() < deadline:  # kill mid-epoch, between checkpoints (epoch = 8 steps)
         if log.exists() and any(r[0] >= 25 for r in losses_of(tmp_path / "killed")):
-            killed.send_signal(signal.SIGKILL)
+            os.killpg(killed.pid, signal.SIGKILL)  # torchrun and its workers alike
             break
         time.sleep(0.005)
     assert killed.wait(timeout=60) == -signal.SIGKILL
     assert find_checkpoint(tmp_path / "killed" / "checkpoints") in (20, 30)
 
-    resumed = _cli(tmp_path, tmp_path / "killed", over, resume=True)
+    resumed = _cli(tmp_path, tmp_path / "killed", over, resume=True, nproc=nproc)
     assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
     assert losses_of(tmp_path / "killed") == losses_of(tmp_path / "full")
     a = load_weights(tmp_path / "full" / "checkpoints", 48)
@@ -81,12 +84,27 @@ def test_resume_after_sigkill_is_exact(tmp_path, tiny_overrides):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_torchrun_two_processes_follow_the_one_process_run(tmp_path, tiny_overrides):
+    """`train.batch_size` is the global batch: 2 processes see the same samples per step and log the same losses."""
+    over = tiny_overrides + ["eval.n_examples=0"]
+    runs = {n: _cli(tmp_path, tmp_path / f"p{n}", over, nproc=n) for n in (1, 2)}
+    for proc in runs.values():
+        assert proc.wait(timeout=300) == 0, proc.stderr.read()
+    one, two = losses_of(tmp_path / "p1"), losses_of(tmp_path / "p2")
+    assert [r[0] for r in one] == [r[0] for r in two] and len(one) == 15  # 12 steps + 3 validation rows
+    for a, b in zip(one, two):
+        assert (a[1] or a[2]) == pytest.approx(b[1] or b[2], abs=1e-5)
+    m1 = json.loads((tmp_path / "p1" / "metrics.json").read_text())
+    m2 = json.loads((tmp_path / "p2" / "metrics.json").read_text())
+    assert m1["retrieval/t2i_R@10"] == pytest.approx(m2["retrieval/t2i_R@10"], abs=0.02)
+
+
 def test_nan_loss_stops_with_message_and_keeps_checkpoint(tmp_path, tiny_overrides, monkeypatch):
     real, calls = objective.TERMS["clip"], {"n": 0}
 
-    def poisoned(out):
+    def poisoned(out, cfg):
         calls["n"] += 1
-        loss = real(out)
+        loss = real(out, cfg)
         return loss * float("nan") if calls["n"] >= 7 and out["image_emb"].requires_grad else loss
 
     monkeypatch.setitem(objective.TERMS, "clip", poisoned)

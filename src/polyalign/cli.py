@@ -47,10 +47,16 @@ def cmd_train(args) -> int:
     from .config import load_config
     from .train.loop import train
 
+    from .distributed import shutdown
+
     cfg = load_config(args.config, args.overrides)
     out = Path(args.out or Path("runs") / Path(args.config).stem)
-    metrics = train(cfg, out, resume=args.resume)
-    print(json.dumps(metrics, indent=2, sort_keys=True))
+    try:
+        metrics = train(cfg, out, resume=args.resume)
+    finally:
+        shutdown()
+    if metrics:  # rank 0 (or a single process)
+        print(json.dumps(metrics, indent=2, sort_keys=True))
     return 0
 
 

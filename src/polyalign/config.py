@@ -73,6 +73,8 @@ class ModelConfig:
 @dataclass
 class LossConfig:
     weights: dict[str, float] = field(default_factory=lambda: {"clip": 1.0})
+    contrastive: str = "dense"  # dense | tiled (never holds the B×B logits: for large batches)
+    tile: int = 256  # rows per tile of the tiled loss
 
 
 @dataclass
@@ -121,6 +123,7 @@ CHOICES = {
     "model.image.pool": ("", "cls", "mean"),
     "model.text.pool": ("", "cls", "mean"),
     "train.precision": ("fp32", "bf16"),
+    "loss.contrastive": ("dense", "tiled"),
 }
 
 

@@ -1,7 +1,14 @@
-"""Process-group facts in one place (single process unless launched by torchrun)."""
+"""Process-group facts and collectives in one place (a single process unless launched by torchrun).
+
+Losses stay pure functions: the trainer gathers embeddings here and hands the gathered tensors to them.
+"""
 from __future__ import annotations
 
+import os
+
+import torch
 import torch.distributed as dist
+from torch import nn
 
 
 def world_size() -> int:
@@ -14,3 +21,114 @@ def rank() -> int:
 
 def is_main() -> bool:
     return rank() == 0
+
+
+def init_from_env() -> torch.device:
+    """Join the process group torchrun describes (``WORLD_SIZE``/``RANK``/``LOCAL_RANK``): NCCL on GPU, gloo on CPU.
+
+    Returns this process's device. Without torchrun's variables (or with one process) nothing is initialised.
+    """
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device
+
+
+def shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        dist.barrier()
+
+
+class _AllGather(torch.autograd.Function):
+    """Concatenate every rank's (b, ...) tensor into (W·b, ...); the gradient of each rank's slice is the sum of
+    all ranks' gradients for it (each rank's loss depends on every slice)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        parts = [torch.empty_like(x) for _ in range(world_size())]
+        dist.all_gather(parts, x.contiguous())
+        ctx.b = x.shape[0]
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad[rank() * ctx.b : (rank() + 1) * ctx.b]
+
+
+class _AllReduceSum(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """(b, ...) on each rank → (world·b, ...) in rank order, differentiable; identity in a single process."""
+    return _AllGather.apply(x) if world_size() > 1 else x
+
+
+def all_reduce_sum_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks, differentiable; identity in a single process."""
+    return _AllReduceSum.apply(x) if world_size() > 1 else x
+
+
+def mean_over_ranks(x: torch.Tensor) -> torch.Tensor:
+    """A detached value averaged over ranks (for logging and finiteness checks)."""
+    if world_size() == 1:
+        return x.detach()
+    x = x.detach().clone()
+    dist.all_reduce(x)
+    return x / world_size()
+
+
+class GlobalBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm whose training statistics are those of the global batch (summed over ranks), so a W-process run
+    normalises exactly as one process with the whole batch. Works with gloo on CPU (torch's SyncBatchNorm is
+    GPU-only). In a single process or in eval mode it is plain BatchNorm."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or world_size() == 1:
+            return super().forward(x)
+        c = x.shape[1]
+        xf = x.float()
+        count = torch.tensor([x.numel() / c], dtype=torch.float32, device=x.device)
+        stats = all_reduce_sum_with_grad(torch.cat([xf.sum((0, 2, 3)), (xf * xf).sum((0, 2, 3)), count]))
+        n = stats[-1]
+        mean = stats[:c] / n
+        var = (stats[c : 2 * c] / n - mean * mean).clamp_min(0)  # biased, as BatchNorm normalises with
+        with torch.no_grad():
+            m = self.momentum if self.momentum is not None else 0.1
+            self.running_mean.lerp_(mean.detach(), m)
+            self.running_var.lerp_(var.detach() * n / max(float(n) - 1, 1.0), m)
+            self.num_batches_tracked += 1
+        y = (xf - mean[None, :, None, None]) * torch.rsqrt(var[None, :, None, None] + self.eps)
+        if self.affine:
+            y = y * self.weight[None, :, None, None] + self.bias[None, :, None, None]
+        return y.to(x.dtype)
+
+
+def gather_embeddings(out: dict) -> dict:
+    """Add ``<key>_all`` (gathered over ranks, differentiable) for every ``*_emb`` output and this rank's
+    ``rank_offset`` (the global index of its first row); unchanged in a single process."""
+    if world_size() == 1:
+        return out
+    extra = {f"{k}_all": all_gather_with_grad(v) for k, v in out.items() if k.endswith("_emb")}
+    first = next(v for k, v in out.items() if k.endswith("_emb"))
+    return {**out, **extra, "rank_offset": rank() * first.shape[0]}

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..distributed import GlobalBatchNorm2d  # plain BatchNorm in one process; global-batch statistics under DDP
 from .transformer import Transformer
 
 MEAN, STD = 0.5, 0.25  # fixed input normalisation, applied inside the encoder
@@ -52,8 +53,8 @@ class ConvNet(nn.Module):
         chans[-1] = width
         self.stages = nn.ModuleList()
         for cin, cout in zip(chans[:-1], chans[1:]):
-            down = nn.Sequential(nn.Conv2d(cin, cout, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(cout), nn.GELU())
-            block = nn.Sequential(nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout))
+            down = nn.Sequential(nn.Conv2d(cin, cout, 3, stride=2, padding=1, bias=False), GlobalBatchNorm2d(cout), nn.GELU())
+            block = nn.Sequential(nn.Conv2d(cout, cout, 3, padding=1, bias=False), GlobalBatchNorm2d(cout))
             self.stages.append(nn.ModuleList([down, block]))
         self.act = nn.GELU()
         self.width = width

@@ -43,7 +43,7 @@ def save_checkpoint(ckpt_dir: Path, step: int, model: torch.nn.Module, state: di
     """Write step files, then move the ``latest`` (and, if ``best``, the ``best``) pointer to them."""
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     name = f"step-{step:06d}"
-    weights = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     _atomic_write(ckpt_dir / f"{name}.safetensors", lambda p: save_file(weights, str(p)))
     _atomic_write(ckpt_dir / f"{name}.state.pt", lambda p: torch.save(state, p))
     pointer = json.dumps({"step": step})

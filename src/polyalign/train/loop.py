@@ -15,6 +15,7 @@ from tqdm import tqdm
 from ..config import Config, flat_items, load_config, save_config
 from ..data.build import build_datasets
 from ..data.loader import Collator, make_loader
+from .. import distributed as dist
 from ..errors import Interrupted, PolyalignError, TrainingError
 from ..model import build_model
 from ..objective import Objective
@@ -32,14 +33,26 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def autocast(precision: str):
-    """bf16 autocast on the batch's device type, or nothing for fp32."""
-    return torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+def autocast(precision: str, device: torch.device | str = "cpu"):
+    """bf16 autocast on the device's type, or nothing for fp32."""
+    kind = torch.device(device).type
+    return torch.autocast(kind, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
 
 
-def to_model_inputs(batch: dict) -> dict:
-    """uint8 pixels → float in [0, 1] (done here, once per batch, rather than per sample in the loader)."""
+def to_model_inputs(batch: dict, device: torch.device | str = "cpu") -> dict:
+    """Tensors to the device; uint8 pixels → float in [0, 1] (once per batch, not per sample in the loader)."""
+    batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
     return {**batch, "image": batch["image"].float().div_(255.0)}
+
+
+def _rank_rng_states() -> list[dict]:
+    """Every rank's RNG state (rank order), so a resumed DDP run restores each process's own."""
+    state = rng_state()
+    if dist.world_size() == 1:
+        return [state]
+    states = [None] * dist.world_size()
+    torch.distributed.all_gather_object(states, state)
+    return states
 
 
 @torch.no_grad()
@@ -47,10 +60,11 @@ def validation_loss(model, objective, dataset, tokenizer, cfg: Config) -> float:
     """Mean objective over the validation set in fixed batches (no dropout, training RNG untouched)."""
     was_training = model.training
     model.eval()
+    device = next(model.parameters()).device
     collate, bs, total, n = Collator(tokenizer), min(cfg.train.batch_size, len(dataset)), 0.0, 0
     for start in range(0, len(dataset) - bs + 1, bs):
-        batch = to_model_inputs(collate([dataset[(0, i)] for i in range(start, start + bs)]))
-        with autocast(cfg.train.precision):
+        batch = to_model_inputs(collate([dataset[(0, i)] for i in range(start, start + bs)]), device)
+        with autocast(cfg.train.precision, device):
             total += objective(model(batch))["loss"].item()
         n += 1
     model.train(was_training)
@@ -74,59 +88,82 @@ def _warn_config_changes(old: Config, new: Config) -> None:
 
 
 def train(cfg: Config, out_dir: str | Path, resume: bool = False, show_progress: bool = True) -> dict:
-    """Train ``cfg`` into ``out_dir``; returns the final metrics. ``resume`` continues from the latest checkpoint."""
+    """Train ``cfg`` into ``out_dir``; returns the final metrics. ``resume`` continues from the latest checkpoint.
+
+    Under torchrun every process runs this; ``train.batch_size`` is the global batch, each rank takes its slice
+    of the same global batch, embeddings are gathered with gradient, and rank 0 alone logs, checkpoints and
+    evaluates (other ranks return ``{}``).
+    """
     out, t = Path(out_dir), cfg.train
+    device = dist.init_from_env()
+    main = dist.is_main()
     ckpt_dir = out / "checkpoints"
     last = find_checkpoint(ckpt_dir)
     if last is not None and not resume:
         raise PolyalignError(f"{out} already holds a run (checkpoint at step {last}): pass --resume, or another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    if resume and last is not None:
-        _warn_config_changes(load_config(out / "config.yaml"), cfg)
-    save_config(cfg, out / "config.yaml")
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        if resume and last is not None:
+            _warn_config_changes(load_config(out / "config.yaml"), cfg)
+        save_config(cfg, out / "config.yaml")
     if t.threads:
         torch.set_num_threads(t.threads)
     seed_everything(t.seed)
 
-    datasets = build_datasets(cfg.data, t.seed, show_progress)
+    datasets = build_datasets(cfg.data, t.seed, show_progress and main)
     train_ds = datasets["train"]
-    tokenizer = prepare_tokenizer(cfg, train_ds, out)
-    model = build_model(cfg.model, cfg.data.image_size, tokenizer.vocab_size)
+    if main:
+        tokenizer = prepare_tokenizer(cfg, train_ds, out)  # trains and saves the BPE tokenizer once
+    dist.barrier()
+    if not main:
+        tokenizer = prepare_tokenizer(cfg, train_ds, out)  # loads rank 0's
+    model = build_model(cfg.model, cfg.data.image_size, tokenizer.vocab_size).to(device)
     warm_cache = getattr(model.text_encoder, "warm_cache", None)
     if warm_cache is not None:  # a locked pretrained tower: embed every training caption once, up front
         t0 = time.perf_counter()
         n = warm_cache(tokenizer, train_ds.all_captions())
-        if n:
+        if n and main:
             print(f"cached the locked text tower's outputs for {n} captions in {time.perf_counter() - t0:.0f} s")
     optimizer = build_optimizer(model, t)
-    objective = Objective(cfg.loss.weights)
+    objective = Objective(cfg.loss)
     start, best = 0, math.inf
     if resume and last is not None:
         model.load_state_dict(load_weights(ckpt_dir, last))
         state = load_state(ckpt_dir, last)
         optimizer.load_state_dict(state["optimizer"])
-        set_rng_state(state["rng"])
+        ranks = state.get("rng_ranks") or [state["rng"]]
+        if len(ranks) != dist.world_size() and main:
+            print(f"warning: the checkpoint was written by {len(ranks)} process(es), this run has "
+                  f"{dist.world_size()}: RNG streams (dropout) continue from rank 0's")
+        set_rng_state(ranks[dist.rank()] if len(ranks) == dist.world_size() else state["rng"])
         start, best = state["step"], state["best_val_loss"]
-        _truncate_log(out / "log.jsonl", start)
-        print(f"resuming from step {start}")
-    elif resume:
+        if main:
+            _truncate_log(out / "log.jsonl", start)
+            print(f"resuming from step {start}")
+    elif resume and main:
         print(f"no checkpoint in {ckpt_dir}: starting from scratch")
+    # DDP averages gradients over ranks; each rank's loss is its share of the global-batch loss
+    ddp = torch.nn.parallel.DistributedDataParallel(model) if dist.world_size() > 1 else model
 
     def checkpoint(step: int, rng: dict | None = None) -> None:
         nonlocal best
-        val = validation_loss(model, objective, datasets["val"], tokenizer, cfg) if "val" in datasets else math.nan
-        is_best = not val > best  # NaN-safe: no val split → every checkpoint counts as best
-        best = min(best, val) if not math.isnan(val) else best
-        state = {"optimizer": optimizer.state_dict(), "scheduler": {"step": step}, "step": step,
-                 "rng": rng or rng_state(), "best_val_loss": best}
-        save_checkpoint(ckpt_dir, step, model, state, best=is_best)
-        with open(out / "log.jsonl", "a") as f:
-            f.write(json.dumps({"step": step, "val_loss": val}) + "\n")
+        states = [rng] if rng is not None else _rank_rng_states()  # collective: every rank calls it
+        if main:
+            val = validation_loss(model, objective, datasets["val"], tokenizer, cfg) if "val" in datasets else math.nan
+            is_best = not val > best  # NaN-safe: no val split → every checkpoint counts as best
+            best = min(best, val) if not math.isnan(val) else best
+            state = {"optimizer": optimizer.state_dict(), "scheduler": {"step": step}, "step": step,
+                     "rng": states[0], "rng_ranks": states, "best_val_loss": best}
+            save_checkpoint(ckpt_dir, step, model, state, best=is_best)
+            with open(out / "log.jsonl", "a") as f:
+                f.write(json.dumps({"step": step, "val_loss": val}) + "\n")
+        dist.barrier()
 
-    loader = make_loader(train_ds, tokenizer, t.batch_size, t.seed, start, cfg.data.num_workers)
+    loader = make_loader(train_ds, tokenizer, t.batch_size, t.seed, start, cfg.data.num_workers,
+                         dist.rank(), dist.world_size())
     batches = iter(loader)
     model.train()
-    interactive = show_progress and sys.stderr.isatty()
+    interactive = show_progress and main and sys.stderr.isatty()
     bar = tqdm(total=t.max_steps, initial=start, disable=not interactive, desc="train", unit="step")
     report_every = t.log_every * max(1, t.max_steps // 20 // t.log_every)  # no TTY: a line every ~5% of the run
     window = {"samples": 0, "time": 0.0, "data": 0.0}
@@ -134,19 +171,19 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, show_progress:
     step = completed = start
     updating, rng_snapshot = False, None
     try:
-        with open(out / "log.jsonl", "a") as log:
+        with open(out / "log.jsonl", "a") if main else contextlib.nullcontext() as log:
             for step in range(start + 1, t.max_steps + 1):
                 t0 = time.perf_counter()
                 rng_snapshot = rng_state()  # lets an interrupt mid-step still save an exact checkpoint
-                batch = to_model_inputs(next(batches))  # image (B, 3, H, W), text (B, L), text_mask (B, L)
+                batch = to_model_inputs(next(batches), device)  # image (b, 3, H, W), text (b, L), text_mask (b, L)
                 t_data = time.perf_counter() - t0
                 lr = lr_at(step - 1, t)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
 
-                with autocast(t.precision):
-                    losses = objective(model(batch))  # {"clip_loss": ..., "loss": total}
-                if not torch.isfinite(losses["loss"]):
+                with autocast(t.precision, device):
+                    losses = objective(dist.gather_embeddings(ddp(batch)))  # {"clip_loss": ..., "loss": total}
+                if not torch.isfinite(dist.mean_over_ranks(losses["loss"])):  # every rank stops together
                     raise TrainingError(_nan_message(step, losses, ckpt_dir))
                 optimizer.zero_grad(set_to_none=True)
                 losses["loss"].backward()
@@ -164,7 +201,9 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, show_progress:
                 data_time_total += t_data
                 step_time_total += dt
                 if step % t.log_every == 0 or step == t.max_steps:
-                    row = {"step": step, **{k: v.item() for k, v in losses.items()}, "lr": lr,
+                    shown = {k: dist.mean_over_ranks(v).item() for k, v in losses.items()}  # global-batch loss
+                if main and (step % t.log_every == 0 or step == t.max_steps):
+                    row = {"step": step, **shown, "lr": lr,
                            "samples_per_s": window["samples"] / window["time"],
                            "data_frac": window["data"] / window["time"], "grad_norm": grad_norm.item(),
                            "logit_scale": model.scale().item()}
@@ -177,10 +216,11 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, show_progress:
                     window = {"samples": 0, "time": 0.0, "data": 0.0}
                 bar.update(1)
                 if step % t.checkpoint_every == 0 or step == t.max_steps:
-                    log.flush()
+                    if main:
+                        log.flush()
                     checkpoint(step)
     except KeyboardInterrupt:
-        if updating:  # a half-applied update cannot be saved exactly; the last periodic checkpoint stands
+        if updating or dist.world_size() > 1:  # a half-applied update, or DDP peers mid-collective: the last periodic checkpoint stands
             raise Interrupted(f"interrupted during step {step}; continue from the last checkpoint with --resume") from None
         if completed > start and find_checkpoint(ckpt_dir) != completed:
             checkpoint(completed, rng_snapshot)
@@ -188,6 +228,9 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, show_progress:
     finally:
         bar.close()
 
+    if not main:
+        dist.barrier()  # wait while rank 0 evaluates
+        return {}
     plot_curves(out / "log.jsonl", out / "loss.png")
     metrics = evaluate_run(cfg, model, tokenizer, datasets, out)
     if step_time_total:
@@ -202,6 +245,7 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, show_progress:
             if r.n_skipped:
                 print(f"{split}: skipped {r.n_skipped} of {r.total} rows ({dict(r.skipped)}), e.g. {r.examples[0]}")
     write_metrics(out, metrics)
+    dist.barrier()
     return metrics
 
 
