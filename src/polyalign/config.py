@@ -93,6 +93,7 @@ class TrainConfig:
     checkpoint_every: int = 100
     eval_every: int = 0  # 0 = only at the end
     threads: int = 0  # 0 = leave torch's default
+    grad_cache_chunk: int = 0  # > 0: gradient caching, sub-batches of this many rows per process (big batch, small memory)
 
 
 @dataclass
@@ -271,6 +272,8 @@ def validate(cfg: Config) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"config key '{key}' must be positive, got {value}")
+    if cfg.train.grad_cache_chunk < 0:
+        raise ConfigError(f"config key 'train.grad_cache_chunk' must be >= 0, got {cfg.train.grad_cache_chunk}")
     if cfg.data.num_workers < 0:
         raise ConfigError(f"config key 'data.num_workers' must be >= 0, got {cfg.data.num_workers}")
     if cfg.model.image.kind == "vit" and cfg.data.image_size % cfg.model.image.patch_size:

@@ -22,6 +22,7 @@ from ..objective import Objective
 from ..runs import evaluate_run, prepare_tokenizer, write_metrics
 from .checkpoint import find_checkpoint, load_state, load_weights, rng_state, save_checkpoint, set_rng_state
 from .curves import plot_curves, read_log
+from .gradcache import grad_cache_step
 from .optim import build_optimizer, lr_at
 
 
@@ -181,12 +182,18 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, show_progress:
                 for group in optimizer.param_groups:
                     group["lr"] = lr
 
-                with autocast(t.precision, device):
-                    losses = objective(dist.gather_embeddings(ddp(batch)))  # {"clip_loss": ..., "loss": total}
+                optimizer.zero_grad(set_to_none=True)
+                loss_of = lambda out: objective(dist.gather_embeddings(out))  # noqa: E731  {"clip_loss", "loss"}
+                if t.grad_cache_chunk:  # the same gradients, one sub-batch's activations alive at a time
+                    losses = grad_cache_step(ddp, batch, loss_of, t.grad_cache_chunk,
+                                             lambda: autocast(t.precision, device))
+                else:
+                    with autocast(t.precision, device):
+                        losses = loss_of(ddp(batch))
                 if not torch.isfinite(dist.mean_over_ranks(losses["loss"])):  # every rank stops together
                     raise TrainingError(_nan_message(step, losses, ckpt_dir))
-                optimizer.zero_grad(set_to_none=True)
-                losses["loss"].backward()
+                if not t.grad_cache_chunk:
+                    losses["loss"].backward()
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip or math.inf)
                 if not torch.isfinite(grad_norm):
                     raise TrainingError(_nan_message(step, losses, ckpt_dir, what="gradient norm"))
