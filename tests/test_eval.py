@@ -242,3 +242,15 @@ def test_prompt_names_read_as_words():
     assert prompt_name("face-smiling") == "face smiling"
     assert prompt_name("golden_retriever") == "golden retriever"
     assert prompt_name("Smileys & Emotion") == "Smileys & Emotion"
+
+
+def test_bf16_retrieval_agrees_with_fp32_on_separated_data():
+    g = torch.Generator().manual_seed(5)
+    img = F.normalize(torch.randn(300, 32, generator=g), dim=1)
+    owner = torch.arange(300).repeat_interleave(2)
+    txt = F.normalize(img[owner] + 0.3 * torch.randn(600, 32, generator=g), dim=1)
+    fp32 = retrieval_metrics(img, txt, owner, chunk_size=64)
+    bf16 = retrieval_metrics(img, txt, owner, chunk_size=64, dtype=torch.bfloat16)
+    assert 0.2 < fp32["t2i_R@1"] < 1.0
+    for key in fp32:
+        assert bf16[key] == pytest.approx(fp32[key], abs=0.03), key

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from polyalign.config import Config, set_key
+from polyalign.config import Config, TextEncoderConfig, set_key
 from polyalign.encoders.image import ConvNet, ViT
 from polyalign.encoders.text import TextTransformer
 from polyalign.heads.projection import ProjectionHead, pool_tokens
@@ -129,3 +129,21 @@ def test_locked_tower_cache_matches_the_tower_and_skips_it_once_warm(monkeypatch
     new_ids, new_mask = tok(["an unseen caption"])  # a miss is computed on the fly and then kept
     assert torch.allclose(cached(new_ids, new_mask)[new_mask], plain(new_ids, new_mask)[new_mask], atol=1e-5)
     assert HFTextEncoder("minilm", lock=False).warm_cache(tok, captions) == 0  # a trained tower is never cached
+
+
+def test_padding_columns_are_cut_without_changing_embeddings():
+    from polyalign.config import ModelConfig
+    from polyalign.model import build_model
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(embed_dim=8, text=TextEncoderConfig(width=16, layers=1, heads=2, vocab_size=40,
+                                                                        context_length=12)), 16, 40).eval()
+    ids = torch.randint(1, 40, (3, 12))
+    mask = torch.zeros(3, 12, dtype=torch.bool)
+    mask[0, :5], mask[1, :3], mask[2, :4] = True, True, True
+    seen = {}
+    model.text_encoder.register_forward_hook(lambda m, args, out: seen.update(len=args[0].shape[1]))
+    cut = model.encode_text(ids, mask)
+    assert seen["len"] == 5  # the longest caption, not the context length
+    full = model.text_head(model.text_encoder(ids, mask), mask)  # the uncut computation
+    assert torch.allclose(cut, full, atol=1e-5)

@@ -105,6 +105,7 @@ class EvalConfig:
     probe_max_train: int = 5000
     max_captions: int = 5
     chunk_size: int = 8192
+    precision: str = "fp32"  # fp32 | bf16: precision of the retrieval similarity products (bf16: faster, near-ties may reorder)
     n_examples: int = 5
 
 
@@ -125,6 +126,7 @@ CHOICES = {
     "model.text.pool": ("", "cls", "mean"),
     "train.precision": ("fp32", "bf16"),
     "loss.contrastive": ("dense", "tiled"),
+    "eval.precision": ("fp32", "bf16"),
 }
 
 

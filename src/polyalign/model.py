@@ -37,7 +37,13 @@ class ContrastiveModel(nn.Module):
         return self.image_head(self.image_encoder(images))
 
     def encode_text(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Token ids (B, L) and mask (B, L) → normalised embeddings (B, E)."""
+        """Token ids (B, L) and mask (B, L) → normalised embeddings (B, E).
+
+        Columns past the batch's longest caption hold only padding, which attention and pooling ignore:
+        they are cut off first, so short captions cost what their length does, not the context length.
+        """
+        longest = int(mask.sum(dim=1).max()) if mask.shape[1] else 0
+        ids, mask = ids[:, : max(longest, 1)], mask[:, : max(longest, 1)]
         return self.text_head(self.text_encoder(ids, mask), mask)
 
     def image_features(self, images: torch.Tensor) -> torch.Tensor:

@@ -56,7 +56,7 @@ def evaluate_run(cfg: Config, model: torch.nn.Module, tok: Tokenizer, datasets: 
         return evaluate(model, tok, datasets["train"], test, batch_size=e.batch_size,
                         zeroshot_fields=e.zeroshot_fields or None, templates=e.templates or None,
                         probe_field=e.probe_field or None, probe_max_train=e.probe_max_train,
-                        max_captions=e.max_captions, chunk_size=e.chunk_size, out_dir=run_dir,
+                        max_captions=e.max_captions, chunk_size=e.chunk_size, precision=e.precision, out_dir=run_dir,
                         n_examples=e.n_examples)
 
 

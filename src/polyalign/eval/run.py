@@ -87,6 +87,7 @@ def evaluate(
     probe_max_train: int = 10000,
     max_captions: int = 5,
     chunk_size: int = 8192,
+    precision: str = "fp32",
     out_dir=None,
     n_examples: int = 5,
 ) -> dict[str, float]:
@@ -95,7 +96,8 @@ def evaluate(
     img_emb = embed_images(model, test_ds, batch_size)  # (N, D)
     texts, txt_to_img = caption_table(test_ds, max_captions)
     txt_emb = embed_texts(model, tokenizer, texts, batch_size)  # (M, D)
-    for name, value in retrieval_metrics(img_emb, txt_emb, txt_to_img, chunk_size=chunk_size).items():
+    dtype = torch.bfloat16 if precision == "bf16" else None
+    for name, value in retrieval_metrics(img_emb, txt_emb, txt_to_img, chunk_size=chunk_size, dtype=dtype).items():
         results[f"retrieval/{name}"] = value
 
     fields = zeroshot_fields_of(test_ds, templates) if zeroshot_fields is None else list(zeroshot_fields)
