@@ -189,16 +189,28 @@ def _step_flops(model, loss_of, batch) -> float:
     return counter.get_total_flops()
 
 
-def bench_train(device, precision: str, batch_size: int, steps: int) -> list[dict]:
+def _our_clip_compiled(device):
+    model, _ = _our_clip(device)
+    from polyalign.objective import Objective
+
+    objective, forward = Objective({"clip": 1.0}), torch.compile(model)
+    return model, lambda batch: objective(forward(batch))["loss"]
+
+
+def bench_train(device, precision: str, batch_size: int, steps: int, compiled: bool) -> list[dict]:
     peak = matmul_peak(device, torch.bfloat16 if precision == "bf16" else torch.float32)
     batch = _batch(batch_size, device)
     rows = []
-    for name, make in (("polyalign CLIP", _our_clip), ("HF CLIPModel", _hf_clip)):
+    makers = [("polyalign CLIP", _our_clip), ("HF CLIPModel", _hf_clip)]
+    if compiled:
+        makers.insert(1, ("polyalign CLIP, torch.compile", _our_clip_compiled))
+    for name, make in makers:
         torch.manual_seed(0)
         model, loss_of = make(device)
         model.train()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        flops = _step_flops(model, loss_of, batch)
+        # the compiled model does the same work as the eager one measured just before it
+        flops = rows[0]["step_flops"] if "compile" in name else _step_flops(model, loss_of, batch)
         ctx = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if precision == "bf16" else None
 
         def step():
@@ -354,6 +366,7 @@ def main(argv=None) -> int:
     p.add_argument("--train-batch", type=int, default=128)
     p.add_argument("--train-steps", type=int, default=10)
     p.add_argument("--precisions", default="fp32,bf16")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile row (compiling takes minutes)")
     p.add_argument("--retrieval-n", type=int, default=100_000)
     p.add_argument("--out", default=str(HERE / "results"))
     args = p.parse_args(argv)
@@ -365,7 +378,8 @@ def main(argv=None) -> int:
     if "loss" in only:
         res["loss"] = bench_loss([int(b) for b in args.batches.split(",")], args.dim, device.type)
     if "train" in only:
-        res["train"] = [r for p_ in args.precisions.split(",") for r in bench_train(device, p_, args.train_batch, args.train_steps)]
+        res["train"] = [r for p_ in args.precisions.split(",") for r in bench_train(device, p_, args.train_batch, args.train_steps,
+                                                                            not args.no_compile)]
     if "loader" in only:
         res["loader"] = bench_loader(100)
     if "retrieval" in only:

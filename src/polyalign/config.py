@@ -93,6 +93,7 @@ class TrainConfig:
     checkpoint_every: int = 100
     eval_every: int = 0  # 0 = only at the end
     threads: int = 0  # 0 = leave torch's default
+    compile: bool = False  # torch.compile the model's forward (first steps pay the compilation)
     grad_cache_chunk: int = 0  # > 0: gradient caching, sub-batches of this many rows per process (big batch, small memory)
 
 

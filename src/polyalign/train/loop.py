@@ -145,6 +145,8 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, show_progress:
         print(f"no checkpoint in {ckpt_dir}: starting from scratch")
     # DDP averages gradients over ranks; each rank's loss is its share of the global-batch loss
     ddp = torch.nn.parallel.DistributedDataParallel(model) if dist.world_size() > 1 else model
+    if t.compile:  # weights stay shared with ``model``, which checkpoints and evaluation use
+        ddp = torch.compile(ddp)
 
     def checkpoint(step: int, rng: dict | None = None) -> None:
         nonlocal best
