@@ -9,6 +9,8 @@ Writes ``benchmarks/results/bench.json`` and ``benchmarks/results/bench.md``.
              and precision: samples/s, and model FLOPs utilisation against the matmul peak measured in this run
   loader     our resumable loader (default workers) vs the demo recipe's train step, samples/s
   retrieval  text↔image recall@1/5/10 over N images × N captions
+  augment    SimCLR-like view augmentation on one process (one torch thread, as in a loader worker), images/s
+             next to the train step's samples/s measured in the same run
 """
 from __future__ import annotations
 
@@ -312,6 +314,30 @@ def bench_retrieval(n: int, dim: int, device) -> list[dict]:
     return rows
 
 
+# ---------------------------------------------------------------- augment
+def bench_augment(n: int, size: int = 48) -> dict:
+    """Augmented images/s with the SimCLR-like setting (crop, flip 0.5, blur 0.5) on one thread."""
+    import numpy as np
+
+    from polyalign.data.augment import AugmentConfig, augment_image
+
+    cfg = AugmentConfig(enabled=True, flip=0.5, blur=0.5)
+    images = torch.randint(0, 256, (64, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    rng, threads = np.random.default_rng(0), torch.get_num_threads()
+    torch.set_num_threads(1)  # DataLoader workers run with one thread
+    try:
+        for i in range(32):
+            augment_image(images[i % 64], rng, cfg)
+        t0 = time.perf_counter()
+        for i in range(n):
+            augment_image(images[i % 64], rng, cfg)
+        ips = n / (time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(threads)
+    print(f"augment {size}px: {ips:.0f} images/s (1 thread)", flush=True)
+    return {"setting": "crop (0.35, 1), flip 0.5, blur 0.5", "size": size, "images": n, "images_per_s": ips}
+
+
 # ---------------------------------------------------------------- report
 def _fmt(x, spec):
     return "–" if x is None else format(x, spec)
@@ -351,7 +377,23 @@ def markdown(res: dict) -> str:
         lines += [f"| {r['method']} | {r['n']} × {r['n']} | {r['dim']} | {r['seconds']:.1f} | {r['t2i_R@1']:.4f} |"
                   for r in res["retrieval"]]
         lines.append("")
+    if res.get("augment"):
+        r, train = res["augment"], _train_samples_per_s(res)
+        lines += ["## View augmentation (one process, one thread)", "",
+                  "| setting | px | images/s | train step samples/s | images/s ÷ samples/s |", "|---|---|---|---|---|",
+                  f"| {r['setting']} | {r['size']} | {r['images_per_s']:.0f} | {_fmt(train, '.0f')} | "
+                  f"{_fmt(train and r['images_per_s'] / train, '.1f')} |", "",
+                  "With two views per sample the loader must augment 2 images per trained sample, shared among its "
+                  "workers.", ""]
     return "\n".join(lines)
+
+
+def _train_samples_per_s(res: dict):
+    """The train step's samples/s from this run: the demo recipe's (loader section), else our fp32 CLIP's."""
+    if res.get("loader"):
+        return res["loader"]["train_samples_per_s"]
+    rows = [r for r in res.get("train") or [] if r["model"] == "polyalign CLIP" and r["precision"] == "fp32"]
+    return rows[0]["samples_per_s"] if rows else None
 
 
 def main(argv=None) -> int:
@@ -360,7 +402,7 @@ def main(argv=None) -> int:
         print(json.dumps(loss_case(impl, int(batch), int(dim), device)))
         return 0
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--only", default="loss,train,loader,retrieval", help="comma-separated sections")
+    p.add_argument("--only", default="loss,train,loader,retrieval,augment", help="comma-separated sections")
     p.add_argument("--batches", default="1024,4096,16384,65536", help="loss batch sizes")
     p.add_argument("--dim", type=int, default=256)
     p.add_argument("--train-batch", type=int, default=128)
@@ -368,6 +410,7 @@ def main(argv=None) -> int:
     p.add_argument("--precisions", default="fp32,bf16")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile row (compiling takes minutes)")
     p.add_argument("--retrieval-n", type=int, default=100_000)
+    p.add_argument("--augment-n", type=int, default=2000, help="images augmented in the augment section")
     p.add_argument("--out", default=str(HERE / "results"))
     args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -384,6 +427,8 @@ def main(argv=None) -> int:
         res["loader"] = bench_loader(100)
     if "retrieval" in only:
         res["retrieval"] = bench_retrieval(args.retrieval_n, args.dim, device)
+    if "augment" in only:
+        res["augment"] = bench_augment(args.augment_n)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(res, indent=2))

@@ -58,10 +58,16 @@ def _cli(tmp_path, out, overrides, resume=False, nproc=1):
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
-@pytest.mark.parametrize("nproc", [1, 2])
-def test_resume_after_sigkill_is_exact(tmp_path, tiny_overrides, nproc):
-    over = tiny_overrides + ["train.max_steps=48", "train.checkpoint_every=10", "data.num_workers=1",
-                             "model.image.dropout=0.1", "model.text.dropout=0.1"]  # dropout: RNG state must resume
+# every MCT term on, image–image in MoCo mode: momentum encoder and queue must resume (and gather under DDP)
+MCT_MOCO = ["data.augment.enabled=true", "data.tag_min_count=2", "loss.weights.image_image=1",
+            "loss.weights.text_text=0.5", "loss.weights.tags=1", "loss.image_image=moco", "model.moco.queue_size=80",
+            "model.moco.momentum=0.9"]
+
+
+@pytest.mark.parametrize("nproc,extra", [(1, []), (2, []), (1, MCT_MOCO)], ids=["1proc", "2proc", "mct-moco"])
+def test_resume_after_sigkill_is_exact(tmp_path, tiny_overrides, nproc, extra):
+    over = tiny_overrides + extra + ["train.max_steps=48", "train.checkpoint_every=10", "data.num_workers=1",
+                                     "model.image.dropout=0.1", "model.text.dropout=0.1"]  # dropout: RNG state must resume
     full = _cli(tmp_path, tmp_path / "full", over, nproc=nproc)
     assert full.wait(timeout=300) == 0, full.stderr.read()
 
@@ -84,9 +90,11 @@ def test_resume_after_sigkill_is_exact(tmp_path, tiny_overrides, nproc):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_torchrun_two_processes_follow_the_one_process_run(tmp_path, tiny_overrides):
-    """`train.batch_size` is the global batch: 2 processes see the same samples per step and log the same losses."""
-    over = tiny_overrides + ["eval.n_examples=0"]
+@pytest.mark.parametrize("extra", [[], MCT_MOCO], ids=["clip", "mct-moco"])
+def test_torchrun_two_processes_follow_the_one_process_run(tmp_path, tiny_overrides, extra):
+    """`train.batch_size` is the global batch: 2 processes see the same samples per step and log the same losses
+    (with MCT: global-batch NT-Xent/InfoNCE views, tag BCE, MoCo keys gathered into one queue)."""
+    over = tiny_overrides + extra + ["eval.n_examples=0"]
     runs = {n: _cli(tmp_path, tmp_path / f"p{n}", over, nproc=n) for n in (1, 2)}
     for proc in runs.values():
         assert proc.wait(timeout=300) == 0, proc.stderr.read()

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import yaml
 
+from .data.augment import AugmentConfig, check_augment_config
 from .errors import ConfigError
 
 
@@ -31,6 +32,11 @@ class DataConfig:
     test_manifest: str = ""
     label_fields: list[str] = field(default_factory=lambda: ["label"])  # manifest columns holding class names
     max_bad_fraction: float = 0.01
+    # views for intra-modal objectives (MCT); augmentation also applies to the image the inter-modal loss sees
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    text_word_drop: float = 0.15  # second text view when an item has one caption: drop each word with this probability
+    tag_min_count: int = 5  # tag vocabulary: tags on at least this many training items ...
+    max_tags: int = 1000  # ... the most frequent first, at most this many
 
 
 @dataclass
@@ -62,19 +68,30 @@ class TextEncoderConfig:
 
 
 @dataclass
+class MocoConfig:
+    queue_size: int = 4096  # keys kept as negatives; keep it below the training set's size
+    momentum: float = 0.999  # EMA of the key encoder (short runs want less, e.g. 0.99)
+
+
+@dataclass
 class ModelConfig:
     embed_dim: int = 128
     image: ImageEncoderConfig = field(default_factory=ImageEncoderConfig)
     text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     init_temperature: float = 0.07
     max_logit_scale: float = 100.0
+    intra_dim: int = 128  # output of the MLP heads of the intra-modal (view–view) objectives
+    moco: MocoConfig = field(default_factory=MocoConfig)
 
 
 @dataclass
 class LossConfig:
+    # terms: clip (image↔text InfoNCE), image_image (views; see image_image), text_text (caption views), tags (BCE)
     weights: dict[str, float] = field(default_factory=lambda: {"clip": 1.0})
     contrastive: str = "dense"  # dense | tiled (never holds the B×B logits: for large batches)
-    tile: int = 256  # rows per tile of the tiled loss
+    tile: int = 256  # rows per tile of the tiled loss at most (fewer for very large batches: a tile stays ≤ 16 MiB)
+    image_image: str = "simclr"  # simclr (in-batch NT-Xent) | moco (momentum encoder + queue): the image–image term
+    temperatures: dict[str, float] = field(default_factory=lambda: {"image_image": 0.1, "text_text": 0.05})
 
 
 @dataclass
@@ -127,6 +144,7 @@ CHOICES = {
     "model.text.pool": ("", "cls", "mean"),
     "train.precision": ("fp32", "bf16"),
     "loss.contrastive": ("dense", "tiled"),
+    "loss.image_image": ("simclr", "moco"),
     "eval.precision": ("fp32", "bf16"),
 }
 
@@ -239,21 +257,30 @@ def parse_override(text: str) -> tuple[str, object]:
     return key.strip(), value
 
 
+def _apply_file(cfg: Config, path: Path, chain: list[Path]) -> None:
+    """Set the keys of a YAML recipe; a top-level ``base: other.yaml`` (relative to the file) is applied first."""
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}" + (f" (the base of {chain[-1]})" if chain else ""))
+    if path.resolve() in chain:
+        raise ConfigError(f"config file {path} is its own base (cycle: {' -> '.join(map(str, chain + [path]))})")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    base = data.pop("base", None)
+    if base is not None:
+        _apply_file(cfg, path.parent / str(base), chain + [path.resolve()])
+    for key, value in data.items():
+        set_key(cfg, str(key), value)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
     """Defaults ← YAML file ← overrides, validated."""
     cfg = Config()
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {path} must hold a mapping at the top level")
-        for key, value in data.items():
-            set_key(cfg, str(key), value)
+        _apply_file(cfg, Path(path), [])
     for text in overrides:
         set_key(cfg, *parse_override(text))
     validate(cfg)
@@ -275,6 +302,7 @@ def validate(cfg: Config) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"config key '{key}' must be positive, got {value}")
+    check_augment_config(cfg.data.augment)
     if cfg.train.grad_cache_chunk < 0:
         raise ConfigError(f"config key 'train.grad_cache_chunk' must be >= 0, got {cfg.train.grad_cache_chunk}")
     if cfg.data.num_workers < 0:

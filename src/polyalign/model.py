@@ -6,10 +6,12 @@ import math
 import torch
 from torch import nn
 
-from .config import ModelConfig
+from .config import LossConfig, ModelConfig
 from .encoders.image import ConvNet, ViT
 from .encoders.text import HFTextEncoder, TextTransformer
-from .heads.projection import ProjectionHead
+from .errors import ConfigError
+from .heads.momentum import MomentumEncoder
+from .heads.projection import MLPHead, ProjectionHead
 
 
 class ContrastiveModel(nn.Module):
@@ -28,6 +30,30 @@ class ContrastiveModel(nn.Module):
         self.text_head = ProjectionHead(text_encoder.width, embed_dim, text_pool or text_encoder.pool)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / init_temperature)))
         self.max_log_scale = math.log(max_logit_scale)
+        # MCT parts (arXiv 2104.12836), present only when their loss term is on (see ``add_intra_modal``)
+        self.image_intra_head = self.text_intra_head = self.momentum = self.tag_head = None
+        self.tag_names: list[str] = []
+        self.clip_on = True
+
+    def add_intra_modal(self, terms: set[str], intra_dim: int, image_image: str = "simclr",
+                        queue_size: int = 4096, momentum: float = 0.999, tag_names: list[str] = ()) -> None:
+        """Add the heads the active intra-modal terms need: ``image_image`` (MLP head; ``moco``: plus a momentum
+        encoder and queue), ``text_text`` (MLP head), ``tags`` (linear tag classifier over ``tag_names``).
+        ``clip`` absent from ``terms`` skips the image–text embeddings (and the text tower) in ``forward``."""
+        self.clip_on = "clip" in terms
+        iw, tw = self.image_encoder.width, self.text_encoder.width
+        if "image_image" in terms:
+            self.image_intra_head = MLPHead(iw, intra_dim, self.image_head.pool)
+            if image_image == "moco":
+                self.momentum = MomentumEncoder(self.image_encoder, self.image_intra_head, intra_dim, queue_size, momentum)
+        if "text_text" in terms:
+            self.text_intra_head = MLPHead(tw, intra_dim, self.text_head.pool)
+        if "tags" in terms:
+            if not tag_names:
+                raise ConfigError("loss.weights.tags > 0 but the training data has no tag seen on at least "
+                                  "data.tag_min_count items: lower data.tag_min_count or drop the term")
+            self.tag_names = list(tag_names)
+            self.tag_head = nn.Linear(iw, len(tag_names))
 
     def scale(self) -> torch.Tensor:
         return self.logit_scale.clamp(0.0, self.max_log_scale).exp()
@@ -42,22 +68,66 @@ class ContrastiveModel(nn.Module):
         Columns past the batch's longest caption hold only padding, which attention and pooling ignore:
         they are cut off first, so short captions cost what their length does, not the context length.
         """
-        longest = int(mask.sum(dim=1).max()) if mask.shape[1] else 0
-        ids, mask = ids[:, : max(longest, 1)], mask[:, : max(longest, 1)]
-        return self.text_head(self.text_encoder(ids, mask), mask)
+        return self.text_head(*self._text_tokens(ids, mask))
 
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
         """Pooled image backbone features (B, W) before projection, for linear probes."""
         return self.image_head.features(self.image_encoder(images)).float()
 
+    def tag_logits(self, images: torch.Tensor) -> torch.Tensor:
+        """Pixels (B, 3, H, W) → tag scores (B, T) over ``tag_names`` (needs the tags term)."""
+        return self.tag_head(self.image_features(images))
+
+    def _text_tokens(self, ids: torch.Tensor, mask: torch.Tensor):
+        longest = max(int(mask.sum(dim=1).max()) if mask.shape[1] else 0, 1)
+        ids, mask = ids[:, :longest], mask[:, :longest]
+        return self.text_encoder(ids, mask), mask
+
     def forward(self, batch: dict) -> dict:
-        return {"image_emb": self.encode_image(batch["image"]),
-                "text_emb": self.encode_text(batch["text"], batch["text_mask"]),
-                "logit_scale": self.scale()}
+        """Outputs the active loss terms read: ``image_emb``/``text_emb``/``logit_scale`` (clip),
+        ``image_view{1,2}_emb`` and, with MoCo, ``moco_key{1,2}_emb`` + ``moco_queue`` (image_image),
+        ``text_view{1,2}_emb`` (text_text), ``tag_logits`` + ``tag_targets`` (tags)."""
+        if self.image_intra_head is None and self.text_intra_head is None and self.tag_head is None:
+            return {"image_emb": self.encode_image(batch["image"]),
+                    "text_emb": self.encode_text(batch["text"], batch["text_mask"]),
+                    "logit_scale": self.scale()}
+        out, b = {}, batch["image"].shape[0]
+        views = self.image_intra_head is not None
+        tokens = self.image_encoder(torch.cat([batch["image"], batch["image_view2"]]) if views else batch["image"])
+        if self.clip_on:
+            text_tokens, mask = self._text_tokens(batch["text"], batch["text_mask"])
+            out.update(image_emb=self.image_head(tokens[:b]), text_emb=self.text_head(text_tokens, mask),
+                       logit_scale=self.scale())
+        if views:
+            z = self.image_intra_head(tokens)  # both views through one BatchNorm
+            out.update(image_view1_emb=z[:b], image_view2_emb=z[b:])
+            if self.momentum is not None:
+                k = self.momentum.keys(torch.cat([batch["image"], batch["image_view2"]]))
+                out.update(moco_key1_emb=k[:b], moco_key2_emb=k[b:], moco_queue=self.momentum.queue.clone())
+        if self.text_intra_head is not None:
+            t1, m1 = self._text_tokens(batch["text"], batch["text_mask"]) if not self.clip_on else (text_tokens, mask)
+            t2, m2 = self._text_tokens(batch["text_view2"], batch["text_view2_mask"])
+            out.update(text_view1_emb=self.text_intra_head(t1, m1), text_view2_emb=self.text_intra_head(t2, m2))
+        if self.tag_head is not None:
+            out.update(tag_logits=self.tag_head(self.image_head.features(tokens[:b]).float()),
+                       tag_targets=batch["tags"])
+        return out
+
+    @torch.no_grad()
+    def after_step(self, out: dict) -> None:
+        """After the optimiser step: MoCo's EMA update of the key encoder, then the step's keys (every rank's,
+        when gathered) enter the queue."""
+        if self.momentum is None:
+            return
+        self.momentum.update(self.image_encoder, self.image_intra_head)
+        keys = [out.get("moco_key1_emb_all", out["moco_key1_emb"]), out.get("moco_key2_emb_all", out["moco_key2_emb"])]
+        self.momentum.enqueue(torch.cat(keys))
 
 
-def build_model(cfg: ModelConfig, image_size: int, vocab_size: int) -> ContrastiveModel:
-    """Encoders and heads from the config (a literal choice, no registry)."""
+def build_model(cfg: ModelConfig, image_size: int, vocab_size: int, loss: LossConfig | None = None,
+                tag_names: list[str] = ()) -> ContrastiveModel:
+    """Encoders and heads from the config (a literal choice, no registry); the heads of the intra-modal terms
+    with nonzero weight in ``loss`` are added (tags need the training data's ``tag_names``)."""
     ic, tc = cfg.image, cfg.text
     if ic.kind == "vit":
         image = ViT(image_size, ic.patch_size, ic.width, ic.layers, ic.heads, ic.mlp_ratio, ic.dropout)
@@ -67,4 +137,8 @@ def build_model(cfg: ModelConfig, image_size: int, vocab_size: int) -> Contrasti
         text = HFTextEncoder(tc.hf_path, tc.lock, tc.cache)
     else:
         text = TextTransformer(vocab_size, tc.context_length, tc.width, tc.layers, tc.heads, tc.mlp_ratio, tc.dropout)
-    return ContrastiveModel(image, text, cfg.embed_dim, cfg.init_temperature, cfg.max_logit_scale, ic.pool, tc.pool)
+    model = ContrastiveModel(image, text, cfg.embed_dim, cfg.init_temperature, cfg.max_logit_scale, ic.pool, tc.pool)
+    terms = {k for k, w in (loss.weights if loss else {}).items() if w != 0}
+    if terms - {"clip"} or (loss and "clip" not in terms):
+        model.add_intra_modal(terms, cfg.intra_dim, loss.image_image, cfg.moco.queue_size, cfg.moco.momentum, tag_names)
+    return model

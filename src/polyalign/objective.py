@@ -12,6 +12,7 @@ import torch
 from .config import LossConfig
 from .errors import ConfigError
 from .losses.contrastive import info_nce, local_info_nce
+from .losses.intra import local_nt_xent, moco_info_nce, nt_xent, tag_bce
 from .losses.tiled import tiled_info_nce
 
 
@@ -25,8 +26,37 @@ def clip_term(out: dict, cfg: LossConfig) -> torch.Tensor:
     return tiled_info_nce(a, b, scale, cfg.tile) if tiled else info_nce(a, b, scale)
 
 
+def image_image_term(out: dict, cfg: LossConfig) -> torch.Tensor:
+    """Two augmented views of each image: SimCLR NT-Xent in-batch, or MoCo (both views as queries, the other
+    view's momentum key as positive, the queue as negatives)."""
+    t = cfg.temperatures.get("image_image", 0.1)
+    z1, z2 = out["image_view1_emb"], out["image_view2_emb"]
+    if "moco_queue" in out:
+        q = out["moco_queue"]
+        return 0.5 * (moco_info_nce(z1, out["moco_key2_emb"], q, t) + moco_info_nce(z2, out["moco_key1_emb"], q, t))
+    if "image_view1_emb_all" in out:
+        return local_nt_xent(z1, z2, out["image_view1_emb_all"], out["image_view2_emb_all"], t, out["rank_offset"])
+    return nt_xent(z1, z2, t)
+
+
+def text_text_term(out: dict, cfg: LossConfig) -> torch.Tensor:
+    """Two views of each caption (another caption of the item, or word dropout): symmetric in-batch InfoNCE."""
+    a, b, scale = out["text_view1_emb"], out["text_view2_emb"], 1.0 / cfg.temperatures.get("text_text", 0.05)
+    if "text_view1_emb_all" in out:
+        return local_info_nce(a, b, out["text_view1_emb_all"], out["text_view2_emb_all"], scale, out["rank_offset"])
+    return info_nce(a, b, scale)
+
+
+def tags_term(out: dict, cfg: LossConfig) -> torch.Tensor:
+    """Multi-label BCE of the image's tag scores against its tags (a per-sample mean: DDP averages it exactly)."""
+    return tag_bce(out["tag_logits"], out["tag_targets"])
+
+
 TERMS = {  # name → f(model output dict, loss config) -> scalar
     "clip": clip_term,
+    "image_image": image_image_term,
+    "text_text": text_text_term,
+    "tags": tags_term,
 }
 
 
@@ -41,6 +71,11 @@ class Objective:
                 close = difflib.get_close_matches(name, TERMS, n=3)
                 hint = f"; did you mean {', '.join(close)}?" if close else ""
                 raise ConfigError(f"unknown loss term 'loss.weights.{name}' (known: {', '.join(TERMS)}){hint}")
+        for name, t in self.cfg.temperatures.items():
+            if name not in ("image_image", "text_text"):
+                raise ConfigError(f"unknown key 'loss.temperatures.{name}' (known: image_image, text_text)")
+            if not t > 0:
+                raise ConfigError(f"loss.temperatures.{name} must be > 0, got {t}")
         self.weights = {k: float(w) for k, w in weights.items() if w != 0}
         if not self.weights:
             raise ConfigError("loss.weights: every term has weight 0; nothing to train")

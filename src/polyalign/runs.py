@@ -7,9 +7,10 @@ from pathlib import Path
 import torch
 
 from .config import Config, load_config
-from .data.base import ImageTextDataset
+from .data.base import ImageTextDataset, Views
+from .data.tags import tag_vocabulary
 from .encoders.text import resolve_hf_path
-from .errors import PolyalignError
+from .errors import ConfigError, PolyalignError
 from .model import ContrastiveModel, build_model
 from .tokenizer import Tokenizer
 from .train.checkpoint import find_checkpoint, load_weights
@@ -28,6 +29,37 @@ def prepare_tokenizer(cfg: Config, train_ds: ImageTextDataset, run_dir: Path) ->
     return tok
 
 
+def active_terms(cfg: Config) -> set[str]:
+    """Loss terms with a nonzero weight."""
+    return {k for k, w in cfg.loss.weights.items() if w != 0}
+
+
+def prepare_views(cfg: Config, datasets: dict, run_dir: Path, main: bool = True) -> list[str]:
+    """Configure what training samples carry for the active intra-modal terms (augmented views, a second
+    caption, multi-hot tags) on the train and val splits; returns the tag vocabulary (saved as ``tags.json``)."""
+    terms, d = active_terms(cfg), cfg.data
+    if "image_image" in terms and not d.augment.enabled:
+        raise ConfigError("loss.weights.image_image needs data.augment.enabled=true: without augmentation the two "
+                          "views of an image are identical and the term learns nothing")
+    tag_names, path = [], run_dir / "tags.json"
+    if "tags" in terms:
+        if path.exists():  # a resumed run keeps its vocabulary
+            tag_names = json.loads(path.read_text())
+        else:
+            train = datasets["train"]
+            tag_names = tag_vocabulary((train.tags(i) for i in range(len(train))), d.tag_min_count, d.max_tags)
+            if main and tag_names:
+                path.write_text(json.dumps(tag_names))
+    views = Views(augment=d.augment if d.augment.enabled else None, image_views=2 if "image_image" in terms else 1,
+                  text_views=2 if "text_text" in terms else 1, word_drop=d.text_word_drop,
+                  tag_index={t: i for i, t in enumerate(tag_names)} if tag_names else None)
+    if views != Views(word_drop=d.text_word_drop):
+        for split in ("train", "val"):
+            if split in datasets:
+                datasets[split].views = views
+    return tag_names
+
+
 def load_run(run_dir: Path, which: str = "latest", overrides: list[str] = ()) -> tuple[Config, ContrastiveModel, Tokenizer]:
     """Config, model (weights of the ``which`` checkpoint, eval mode) and tokenizer of a finished or running run."""
     run_dir = Path(run_dir)
@@ -38,7 +70,9 @@ def load_run(run_dir: Path, which: str = "latest", overrides: list[str] = ()) ->
     if step is None:
         raise PolyalignError(f"{run_dir} has no '{which}' checkpoint")
     tok = Tokenizer.load(run_dir / "tokenizer.json", cfg.model.text.context_length)
-    model = build_model(cfg.model, cfg.data.image_size, tok.vocab_size)
+    tags = run_dir / "tags.json"
+    tag_names = json.loads(tags.read_text()) if tags.exists() else []
+    model = build_model(cfg.model, cfg.data.image_size, tok.vocab_size, cfg.loss, tag_names)
     model.load_state_dict(load_weights(run_dir / "checkpoints", step))
     return cfg, model.eval(), tok
 

@@ -13,6 +13,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .augment import AugmentConfig, augment_image
+from .tags import multi_hot
+
 
 def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
     """A generator determined only by (seed, epoch, index): the source of all per-sample randomness."""
@@ -22,6 +25,29 @@ def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
 def stable_hash(text: str) -> int:
     """A process-independent 31-bit hash (Python's ``hash`` is salted per process)."""
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=4).digest(), "little") & 0x7FFFFFFF
+
+
+@dataclass
+class Views:
+    """Extra per-sample inputs for intra-modal objectives (MCT): an augmented image (``augment``), a second
+    augmented view (``image_views=2``), a second caption view (``text_views=2``), multi-hot tags (``tag_index``)."""
+
+    augment: AugmentConfig | None = None
+    image_views: int = 1
+    text_views: int = 1
+    word_drop: float = 0.15
+    tag_index: dict[str, int] | None = None
+
+
+def second_caption(caps: list[str], chosen: int, rng: np.random.Generator, word_drop: float) -> str:
+    """Another caption of the item when it has one; else the chosen caption with each word dropped with
+    probability ``word_drop`` (at least one word kept)."""
+    if len(caps) > 1:
+        j = int(rng.integers(len(caps) - 1))
+        return caps[j + (j >= chosen)]
+    words = caps[chosen].split()
+    keep = [w for w in words if rng.random() >= word_drop]
+    return " ".join(keep) if keep else words[int(rng.integers(len(words)))]
 
 
 @dataclass
@@ -57,6 +83,7 @@ class ImageTextDataset(torch.utils.data.Dataset):
     """
 
     seed: int = 0
+    views: Views | None = None  # what training samples carry besides (image, caption); set by the trainer
     sample_seed: int = 0  # per-sample randomness (caption choice, augmentation); the trainer sets train.seed
     label_names: dict[str, list[str]] = {}
     skip_report: SkipReport
@@ -82,9 +109,23 @@ class ImageTextDataset(torch.utils.data.Dataset):
         epoch, i = key if isinstance(key, tuple) else (0, key)
         rng = sample_rng(self.sample_seed, epoch, i)
         caps = self.captions(i)
-        return {
+        c = int(rng.integers(len(caps)))
+        sample = {
             "image": self.image(i),  # (3, H, W) uint8
-            "caption": caps[int(rng.integers(len(caps)))],
+            "caption": caps[c],
             "index": i,
             "labels": self.labels(i),
         }
+        v = self.views
+        if v is None:
+            return sample
+        image = sample["image"]
+        if v.augment is not None and v.augment.enabled:
+            sample["image"] = augment_image(image, rng, v.augment)
+        if v.image_views == 2:
+            sample["image_view2"] = augment_image(image, rng, v.augment)
+        if v.text_views == 2:
+            sample["caption_view2"] = second_caption(caps, c, rng, v.word_drop)
+        if v.tag_index is not None:
+            sample["tags"] = multi_hot(self.tags(i), v.tag_index)
+        return sample

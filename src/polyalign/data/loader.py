@@ -40,16 +40,24 @@ class GlobalBatchSampler:
 
 
 class Collator:
-    """Samples → batch dict: ``image`` uint8 (B, 3, H, W), ``text`` (B, L), ``text_mask`` (B, L), ``index`` (B,)."""
+    """Samples → batch dict: ``image`` uint8 (B, 3, H, W), ``text`` (B, L), ``text_mask`` (B, L), ``index`` (B,);
+    with views: ``image_view2`` uint8 (B, 3, H, W), ``text_view2``/``text_view2_mask`` (B, L), ``tags`` (B, T)."""
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
 
     def __call__(self, samples: list[dict]) -> dict:
         ids, mask = self.tokenizer([s["caption"] for s in samples])
-        return {"image": torch.stack([s["image"] for s in samples]),
-                "text": ids, "text_mask": mask,
-                "index": torch.tensor([s["index"] for s in samples])}
+        batch = {"image": torch.stack([s["image"] for s in samples]),
+                 "text": ids, "text_mask": mask,
+                 "index": torch.tensor([s["index"] for s in samples])}
+        if "image_view2" in samples[0]:  # views for the intra-modal objectives
+            batch["image_view2"] = torch.stack([s["image_view2"] for s in samples])
+        if "caption_view2" in samples[0]:
+            batch["text_view2"], batch["text_view2_mask"] = self.tokenizer([s["caption_view2"] for s in samples])
+        if "tags" in samples[0]:
+            batch["tags"] = torch.stack([s["tags"] for s in samples])  # (B, T) multi-hot
+        return batch
 
 
 def make_loader(dataset, tokenizer, batch_size: int, seed: int, start_step: int, num_workers: int,

@@ -1,4 +1,5 @@
-"""One call that evaluates a model on a dataset: retrieval, zero-shot per label field, linear probe, examples PNG."""
+"""One call that evaluates a model on a dataset: retrieval, zero-shot per label field, linear probe, tagging,
+examples PNG."""
 from __future__ import annotations
 
 import logging
@@ -7,11 +8,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from polyalign.data.tags import tag_matrix, tag_vocabulary
 from polyalign.errors import ConfigError
 from polyalign.eval.embed import embed_images, embed_texts
 from polyalign.eval.plots import plot_retrieval_examples
 from polyalign.eval.probe import ProbeDataError, linear_probe
 from polyalign.eval.retrieval import retrieval_metrics, topk_chunked
+from polyalign.eval.tagging import TaggingDataError, head_scores, mean_average_precision, scored_tags, tagging_probe
 from polyalign.eval.zeroshot import zeroshot_accuracy, zeroshot_classifier
 
 logger = logging.getLogger(__name__)
@@ -59,6 +62,51 @@ def _subsample(idx: list[int], y: torch.Tensor, limit: int) -> tuple[list[int], 
     return [idx[k] for k in keep], y[torch.from_numpy(keep)]
 
 
+class _Features:
+    """Pooled image features (``image_features``) per dataset item, embedded once and shared by the probes."""
+
+    def __init__(self, model, batch_size: int):
+        self.model, self.batch_size, self.rows = model, batch_size, {}
+
+    def __call__(self, dataset, idx: list[int]) -> torch.Tensor:
+        """(len(idx), W) features of the items ``idx``; only items not embedded before are run through the model."""
+        rows = self.rows.setdefault(id(dataset), {})
+        missing = [i for i in dict.fromkeys(idx) if i not in rows]
+        if missing:
+            rows.update(zip(missing, embed_images(self.model, dataset, self.batch_size, missing, features=True)))
+        return torch.stack([rows[i] for i in idx])
+
+
+def _tagging(model, train_ds, test_ds, features: _Features, max_train: int, batch_size: int) -> dict[str, float]:
+    """``tagging/probe_mAP`` and ``tagging/n_tags`` (vocabulary from train_ds), plus ``tagging/head_mAP`` when the
+    model has a tag head (``tag_logits`` over ``tag_names``); {} when the data has no usable tags."""
+    vocab = tag_vocabulary(train_ds.tags(i) for i in range(len(train_ds)))
+    if not vocab:
+        return {}
+    test_y = tag_matrix(test_ds, vocab)  # (M, T)
+    if not test_y.any():
+        logger.warning("tagging skipped: no test item carries any of the %d training tags", len(vocab))
+        return {}
+    train_idx, _ = _subsample(list(range(len(train_ds))), torch.zeros(len(train_ds)), max_train)
+    train_y = tag_matrix(train_ds, vocab, train_idx)  # (N, T)
+    test_idx = list(range(len(test_ds)))
+    out = {}
+    try:
+        out["tagging/probe_mAP"] = tagging_probe(features(train_ds, train_idx), train_y, features(test_ds, test_idx),
+                                                 test_y)
+        out["tagging/n_tags"] = float(scored_tags(train_y, test_y).sum())
+    except TaggingDataError as err:
+        logger.warning("tagging probe skipped: %s", err)
+    names = getattr(model, "tag_names", None)
+    if names and callable(getattr(model, "tag_logits", None)):
+        head_y = tag_matrix(test_ds, list(names))  # (M, T_head): the head's own vocabulary
+        try:
+            out["tagging/head_mAP"] = mean_average_precision(head_scores(model, test_ds, test_idx, batch_size), head_y)
+        except TaggingDataError as err:
+            logger.warning("tag head mAP skipped: %s", err)
+    return out
+
+
 def _retrieval_examples(path, test_ds, texts, txt_to_img, txt_emb, img_emb, n_examples, chunk_size) -> None:
     """PNG of the top-5 images for the first caption of each of the first ``n_examples`` items."""
     firsts = torch.ones_like(txt_to_img, dtype=torch.bool)
@@ -91,7 +139,8 @@ def evaluate(
     out_dir=None,
     n_examples: int = 5,
 ) -> dict[str, float]:
-    """Flat metrics: ``retrieval/*`` on test_ds, ``zeroshot/<field>_acc``, ``probe/<field>_acc`` (trained on train_ds)."""
+    """Flat metrics: ``retrieval/*`` on test_ds, ``zeroshot/<field>_acc``, ``probe/<field>_acc`` (trained on train_ds),
+    ``tagging/*`` when the datasets have tags (see ``_tagging``)."""
     results: dict[str, float] = {}
     img_emb = embed_images(model, test_ds, batch_size)  # (N, D)
     texts, txt_to_img = caption_table(test_ds, max_captions)
@@ -114,6 +163,7 @@ def evaluate(
         )
         results[f"zeroshot/{field}_acc"] = zeroshot_accuracy(img_emb[torch.tensor(idx, device=img_emb.device)], y, classifier)
 
+    features = _Features(model, batch_size)  # (n, W) pooled image features, shared by the linear and tagging probes
     probe_field = probe_field or (fields[0] if fields else None)
     if probe_field is not None:
         train_idx, train_y = _subsample(*items_with_field(train_ds, probe_field), probe_max_train)
@@ -121,11 +171,11 @@ def evaluate(
         try:
             if not train_idx or not test_idx:
                 raise ProbeDataError(f"{len(train_idx)} train and {len(test_idx)} test items carry the field")
-            train_x = embed_images(model, train_ds, batch_size, train_idx, features=True)
-            test_x = embed_images(model, test_ds, batch_size, test_idx, features=True)
-            results[f"probe/{probe_field}_acc"] = linear_probe(train_x, train_y, test_x, test_y)
+            results[f"probe/{probe_field}_acc"] = linear_probe(features(train_ds, train_idx), train_y,
+                                                               features(test_ds, test_idx), test_y)
         except ProbeDataError as err:
             logger.warning("linear probe on %r skipped: %s", probe_field, err)
+    results |= _tagging(model, train_ds, test_ds, features, probe_max_train, batch_size)
 
     if out_dir is not None and n_examples > 0:
         path = Path(out_dir) / "retrieval_examples.png"

@@ -5,6 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..distributed import GlobalBatchNorm2d
+
 
 def pool_tokens(tokens: torch.Tensor, mask: torch.Tensor | None, how: str) -> torch.Tensor:
     """(B, N, D) → (B, D): ``cls`` takes token 0, ``mean`` averages the tokens where ``mask`` is True."""
@@ -32,3 +34,18 @@ class ProjectionHead(nn.Module):
 
     def forward(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         return F.normalize(self.proj(self.features(tokens, mask)).float(), dim=-1)  # (B, embed_dim)
+
+
+class MLPHead(nn.Module):
+    """Pool → Linear → BatchNorm → ReLU → Linear → L2-normalise: the projection of SimCLR/MoCo-v2 (arXiv 2002.05709),
+    used by the intra-modal objectives so they do not constrain the shared image–text space directly."""
+
+    def __init__(self, in_dim: int, out_dim: int, pool: str, hidden: int | None = None):
+        super().__init__()
+        self.pool, hidden = pool, hidden or in_dim
+        # BatchNorm over the global batch under DDP (as a 2-d norm over (B, hidden, 1, 1))
+        self.net = nn.Sequential(nn.Linear(in_dim, hidden, bias=False), nn.Unflatten(1, (hidden, 1, 1)),
+                                 GlobalBatchNorm2d(hidden), nn.Flatten(1), nn.ReLU(), nn.Linear(hidden, out_dim))
+
+    def forward(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return F.normalize(self.net(pool_tokens(tokens, mask, self.pool)).float(), dim=-1)  # (B, out_dim)

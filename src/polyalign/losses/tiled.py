@@ -10,6 +10,12 @@ from __future__ import annotations
 import torch
 
 DEFAULT_TILE = 256
+TILE_BYTES = 16 * 2**20  # a (rows × N) fp32 tile is kept at or below this size: large N get fewer rows per tile
+
+
+def tile_rows(tile: int, n: int) -> int:
+    """Rows per tile: at most ``tile``, and few enough that one (rows, ``n``) fp32 tile fits in ``TILE_BYTES``."""
+    return max(1, min(tile, max(16, TILE_BYTES // (4 * max(n, 1)))))
 
 
 class _TiledCrossEntropy(torch.autograd.Function):
@@ -46,9 +52,10 @@ class _TiledCrossEntropy(torch.autograd.Function):
             qt = q[i0 : i0 + tile]
             sim = qt @ k.T  # (t, N), recomputed
             logits = scale * sim
-            g = torch.exp(logits - row_lse[i0 : i0 + tile, None])  # row softmax
+            g = torch.sub(logits, row_lse[i0 : i0 + tile, None]).exp_()  # row softmax
             if both:
-                g += torch.exp(logits - col_lse[None, :])  # column softmax
+                g += logits.sub_(col_lse[None, :]).exp_()  # column softmax (reuses the logits' memory)
+            del logits
             g *= w
             dq[i0 : i0 + tile] = scale * (g @ k)
             dk.addmm_(g.T, qt, alpha=float(scale))
@@ -66,7 +73,7 @@ def tiled_cross_entropy(q: torch.Tensor, k: torch.Tensor, logit_scale, offset: i
                         tile: int = DEFAULT_TILE) -> torch.Tensor:
     """Cross-entropy of rows ``q`` (b, D) against all ``k`` (N, D); row i's positive is ``k[offset + i]``."""
     scale = torch.as_tensor(logit_scale, dtype=torch.float32, device=q.device)
-    return _TiledCrossEntropy.apply(q.float(), k.float(), scale, offset, tile, False)
+    return _TiledCrossEntropy.apply(q.float(), k.float(), scale, offset, tile_rows(tile, k.shape[0]), False)
 
 
 def tiled_info_nce(a: torch.Tensor, b: torch.Tensor, logit_scale, tile: int = DEFAULT_TILE) -> torch.Tensor:
@@ -75,4 +82,4 @@ def tiled_info_nce(a: torch.Tensor, b: torch.Tensor, logit_scale, tile: int = DE
     if a.shape != b.shape:
         raise ValueError(f"tiled_info_nce needs matched rows, got {tuple(a.shape)} and {tuple(b.shape)}")
     scale = torch.as_tensor(logit_scale, dtype=torch.float32, device=a.device)
-    return _TiledCrossEntropy.apply(a.float(), b.float(), scale, 0, tile, True)
+    return _TiledCrossEntropy.apply(a.float(), b.float(), scale, 0, tile_rows(tile, b.shape[0]), True)

@@ -19,7 +19,7 @@ from .. import distributed as dist
 from ..errors import Interrupted, PolyalignError, TrainingError
 from ..model import build_model
 from ..objective import Objective
-from ..runs import evaluate_run, prepare_tokenizer, write_metrics
+from ..runs import evaluate_run, prepare_tokenizer, prepare_views, write_metrics
 from .checkpoint import find_checkpoint, load_state, load_weights, rng_state, save_checkpoint, set_rng_state
 from .curves import plot_curves, read_log
 from .gradcache import grad_cache_step
@@ -43,7 +43,8 @@ def autocast(precision: str, device: torch.device | str = "cpu"):
 def to_model_inputs(batch: dict, device: torch.device | str = "cpu") -> dict:
     """Tensors to the device; uint8 pixels → float in [0, 1] (once per batch, not per sample in the loader)."""
     batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-    return {**batch, "image": batch["image"].float().div_(255.0)}
+    pixels = {k: batch[k].float().div_(255.0) for k in ("image", "image_view2") if k in batch}
+    return {**batch, **pixels}
 
 
 def _rank_rng_states() -> list[dict]:
@@ -118,7 +119,8 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, show_progress:
     dist.barrier()
     if not main:
         tokenizer = prepare_tokenizer(cfg, train_ds, out)  # loads rank 0's
-    model = build_model(cfg.model, cfg.data.image_size, tokenizer.vocab_size).to(device)
+    tag_names = prepare_views(cfg, datasets, out, main)
+    model = build_model(cfg.model, cfg.data.image_size, tokenizer.vocab_size, cfg.loss, tag_names).to(device)
     warm_cache = getattr(model.text_encoder, "warm_cache", None)
     if warm_cache is not None:  # a locked pretrained tower: embed every training caption once, up front
         t0 = time.perf_counter()
@@ -144,7 +146,8 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, show_progress:
     elif resume and main:
         print(f"no checkpoint in {ckpt_dir}: starting from scratch")
     # DDP averages gradients over ranks; each rank's loss is its share of the global-batch loss
-    ddp = torch.nn.parallel.DistributedDataParallel(model) if dist.world_size() > 1 else model
+    ddp = (torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=not model.clip_on)  # no clip: text tower idle
+           if dist.world_size() > 1 else model)
     if t.compile:  # weights stay shared with ``model``, which checkpoints and evaluation use
         ddp = torch.compile(ddp)
 
@@ -158,8 +161,9 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, show_progress:
             state = {"optimizer": optimizer.state_dict(), "scheduler": {"step": step}, "step": step,
                      "rng": states[0], "rng_ranks": states, "best_val_loss": best}
             save_checkpoint(ckpt_dir, step, model, state, best=is_best)
-            with open(out / "log.jsonl", "a") as f:
-                f.write(json.dumps({"step": step, "val_loss": val}) + "\n")
+            if not math.isnan(val):  # no val split: nothing to log (NaN is not valid JSON)
+                with open(out / "log.jsonl", "a") as f:
+                    f.write(json.dumps({"step": step, "val_loss": val}) + "\n")
         dist.barrier()
 
     loader = make_loader(train_ds, tokenizer, t.batch_size, t.seed, start, cfg.data.num_workers,
@@ -185,7 +189,12 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, show_progress:
                     group["lr"] = lr
 
                 optimizer.zero_grad(set_to_none=True)
-                loss_of = lambda out: objective(dist.gather_embeddings(out))  # noqa: E731  {"clip_loss", "loss"}
+                seen = {}
+
+                def loss_of(out: dict) -> dict:  # {"clip_loss", ..., "loss"}; keeps the (gathered) outputs
+                    seen["out"] = dist.gather_embeddings(out)
+                    return objective(seen["out"])
+
                 if t.grad_cache_chunk:  # the same gradients, one sub-batch's activations alive at a time
                     losses = grad_cache_step(ddp, batch, loss_of, t.grad_cache_chunk,
                                              lambda: autocast(t.precision, device))
@@ -201,6 +210,7 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, show_progress:
                     raise TrainingError(_nan_message(step, losses, ckpt_dir, what="gradient norm"))
                 updating = True
                 optimizer.step()
+                model.after_step(seen["out"])  # MoCo: momentum update and enqueue (a no-op otherwise)
                 updating, completed, rng_snapshot = False, step, None
 
                 dt = time.perf_counter() - t0

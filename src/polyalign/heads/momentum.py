@@ -1,0 +1,51 @@
+"""MoCo's momentum (key) encoder and queue ("Momentum Contrast for Unsupervised Visual Representation Learning",
+arXiv 1911.05722; v2: arXiv 2003.04297).
+
+The key encoder is an exponential moving average of the query encoder and head; it never receives gradients.
+Its parameters, the queue and the queue pointer are module state, so checkpoints carry them and a resumed run
+continues exactly.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class MomentumEncoder(nn.Module):
+    """EMA copy of ``encoder`` + ``head`` producing keys, and a FIFO queue of past keys (``queue_size``, dim)."""
+
+    def __init__(self, encoder: nn.Module, head: nn.Module, dim: int, queue_size: int, momentum: float):
+        super().__init__()
+        self.encoder, self.head = copy.deepcopy(encoder), copy.deepcopy(head)
+        for p in self.parameters():
+            p.requires_grad_(False)
+        self.momentum = momentum
+        g = torch.Generator().manual_seed(0)  # the initial queue must not move the global RNG
+        self.register_buffer("queue", F.normalize(torch.randn(queue_size, dim, generator=g), dim=1))
+        self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+
+    @torch.no_grad()
+    def keys(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, H, W) → L2-normalised keys (B, dim), no graph."""
+        return self.head(self.encoder(images))
+
+    @torch.no_grad()
+    def update(self, encoder: nn.Module, head: nn.Module) -> None:
+        """key ← m·key + (1 - m)·query for parameters; buffers (BatchNorm statistics) are copied."""
+        for src, dst in ((encoder, self.encoder), (head, self.head)):
+            for q, k in zip(src.parameters(), dst.parameters()):
+                k.lerp_(q.detach(), 1.0 - self.momentum)
+            for q, k in zip(src.buffers(), dst.buffers()):
+                k.copy_(q)
+
+    @torch.no_grad()
+    def enqueue(self, keys: torch.Tensor) -> None:
+        """Write ``keys`` (N, dim) over the oldest entries (wrapping around)."""
+        keys = keys.detach().to(self.queue.dtype)[-self.queue.shape[0]:]
+        n, size, ptr = keys.shape[0], self.queue.shape[0], int(self.queue_ptr)
+        idx = (ptr + torch.arange(n, device=keys.device)) % size
+        self.queue[idx] = keys
+        self.queue_ptr.fill_((ptr + n) % size)
