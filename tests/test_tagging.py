@@ -1,4 +1,4 @@
-"""Tests of tag vocabularies, per-tag AP / mAP against scikit-learn, the tagging probe, and evaluate()'s tagging keys."""
+"""Tests of tag vocabularies, per-tag AP / mAP against scikit-learn, the tagging probe, evaluate()'s tagging keys."""
 import logging
 
 import pytest
