@@ -165,3 +165,15 @@ def test_views_are_a_function_of_seed_epoch_index(tiny_overrides, tmp_path):
     assert torch.equal(x["image_view2"], y["image_view2"]) and x["caption_view2"] == y["caption_view2"]
     assert not torch.equal(x["image"], x["image_view2"])
     assert isinstance(a["train"].views, Views)
+
+
+def test_mct_moco_run_reloads_for_eval_with_tag_head(tiny_overrides, tmp_path):
+    from polyalign.runs import load_run
+    from polyalign.train.loop import train
+
+    over = tiny_overrides + MCT + ["loss.image_image=moco", "model.moco.queue_size=64", "train.max_steps=4",
+                                   "train.checkpoint_every=4", "eval.n_examples=0"]
+    metrics = train(load_config(None, over), tmp_path / "run", show_progress=False)
+    assert 0 <= metrics["tagging/head_mAP"] <= 1 and 0 <= metrics["tagging/probe_mAP"] <= 1
+    cfg, model, _ = load_run(tmp_path / "run")  # tags.json and the MoCo state come back with the weights
+    assert model.tag_names and model.momentum is not None and int(model.momentum.queue_ptr) == (4 * 2 * 32) % 64
