@@ -7,7 +7,7 @@ Writes ``benchmarks/results/bench.json`` and ``benchmarks/results/bench.md``.
              peak extra memory (each case in a fresh subprocess: RSS high-water mark on CPU, allocator peak on GPU)
   train      a train step of our CLIP (ViT + Transformer text tower) vs HF ``CLIPModel`` built with identical sizes
              and precision: samples/s, and model FLOPs utilisation against the matmul peak measured in this run
-  loader     our resumable loader (default workers) vs the demo recipe's train step, samples/s
+  loader     our resumable loader (default workers) vs the train step, samples/s: the demo recipe, and MCT's views
   retrieval  text↔image recall@1/5/10 over N images × N captions
   augment    SimCLR-like view augmentation on one process (one torch thread, as in a loader worker), images/s
              next to the train step's samples/s measured in the same run
@@ -21,6 +21,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -243,7 +244,15 @@ def bench_train(device, precision: str, batch_size: int, steps: int, compiled: b
 
 
 # ---------------------------------------------------------------- loader
-def bench_loader(steps: int) -> dict:
+LOADER_RECIPES = {  # name → overrides of the defaults (the shapes demo recipe)
+    "demo (CLIP)": [],
+    "MCT views (augment, 2 image views, caption view, tags)": [
+        "data.augment.enabled=true", "data.augment.blur=0.5", "loss.weights.image_image=1",
+        "loss.weights.text_text=0.5", "loss.weights.tags=1"],
+}
+
+
+def bench_loader(steps: int, name: str = "demo (CLIP)", overrides: list[str] = ()) -> dict:
     from polyalign.config import load_config
     from polyalign.data.build import build_datasets
     from polyalign.data.loader import make_loader
@@ -252,8 +261,13 @@ def bench_loader(steps: int) -> dict:
     from polyalign.tokenizer import Tokenizer
     from polyalign.train.loop import to_model_inputs
 
-    cfg = load_config(None)  # the demo recipe: default workers, batch, model
-    ds = build_datasets(cfg.data, 0, show_progress=False)["train"]
+    from polyalign.runs import prepare_views
+
+    cfg = load_config(None, list(overrides))  # the demo recipe: default workers, batch, model
+    datasets = build_datasets(cfg.data, 0, show_progress=False)
+    ds = datasets["train"]
+    with tempfile.TemporaryDirectory() as tmp:
+        tags = prepare_views(cfg, datasets, Path(tmp))  # views the active loss terms need
     tok = Tokenizer.train(ds.all_captions(), cfg.model.text.vocab_size, cfg.model.text.context_length)
     bs = cfg.train.batch_size
     batches = iter(make_loader(ds, tok, bs, 0, 0, cfg.data.num_workers))
@@ -263,7 +277,7 @@ def bench_loader(steps: int) -> dict:
         to_model_inputs(next(batches))
     loader_sps = steps * bs / (time.perf_counter() - t0)
 
-    model = build_model(cfg.model, cfg.data.image_size, tok.vocab_size).train()
+    model = build_model(cfg.model, cfg.data.image_size, tok.vocab_size, cfg.loss, tags).train()
     objective = Objective(cfg.loss)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     fixed = to_model_inputs(next(batches))
@@ -278,9 +292,9 @@ def bench_loader(steps: int) -> dict:
     for _ in range(max(steps // 4, 5)):
         step()
     train_sps = max(steps // 4, 5) * bs / (time.perf_counter() - t0)
-    print(f"loader: {loader_sps:.0f} samples/s vs train step {train_sps:.0f} samples/s "
+    print(f"loader, {name}: {loader_sps:.0f} samples/s vs train step {train_sps:.0f} samples/s "
           f"({loader_sps / train_sps:.1f}×, {cfg.data.num_workers} workers)", flush=True)
-    return {"workers": cfg.data.num_workers, "batch": bs, "loader_samples_per_s": loader_sps,
+    return {"recipe": name, "workers": cfg.data.num_workers, "batch": bs, "loader_samples_per_s": loader_sps,
             "train_samples_per_s": train_sps, "ratio": loader_sps / train_sps}
 
 
@@ -367,10 +381,11 @@ def markdown(res: dict) -> str:
         lines += ["", "Matmul peak measured in this run: " +
                   ", ".join(f"{p}: {v / 1e9:.0f} GFLOP/s" for p, v in peaks.items()), ""]
     if res.get("loader"):
-        r = res["loader"]
-        lines += ["## Loader vs train step (demo recipe)", "", "| workers | loader samples/s | train samples/s | ratio |",
-                  "|---|---|---|---|",
-                  f"| {r['workers']} | {r['loader_samples_per_s']:.0f} | {r['train_samples_per_s']:.0f} | {r['ratio']:.1f}× |", ""]
+        lines += ["## Loader vs train step", "", "| recipe | workers | loader samples/s | train samples/s | ratio |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {r['recipe']} | {r['workers']} | {r['loader_samples_per_s']:.0f} | {r['train_samples_per_s']:.0f} "
+                  f"| {r['ratio']:.1f}× |" for r in res["loader"]]
+        lines.append("")
     if res.get("retrieval"):
         lines += ["## Retrieval evaluation (R@1/5/10 both directions)", "",
                   "| method | images × captions | d | seconds | t2i R@1 |", "|---|---|---|---|---|"]
@@ -391,7 +406,7 @@ def markdown(res: dict) -> str:
 def _train_samples_per_s(res: dict):
     """The train step's samples/s from this run: the demo recipe's (loader section), else our fp32 CLIP's."""
     if res.get("loader"):
-        return res["loader"]["train_samples_per_s"]
+        return res["loader"][0]["train_samples_per_s"]
     rows = [r for r in res.get("train") or [] if r["model"] == "polyalign CLIP" and r["precision"] == "fp32"]
     return rows[0]["samples_per_s"] if rows else None
 
@@ -424,7 +439,7 @@ def main(argv=None) -> int:
         res["train"] = [r for p_ in args.precisions.split(",") for r in bench_train(device, p_, args.train_batch, args.train_steps,
                                                                             not args.no_compile)]
     if "loader" in only:
-        res["loader"] = bench_loader(100)
+        res["loader"] = [bench_loader(100, name, over) for name, over in LOADER_RECIPES.items()]
     if "retrieval" in only:
         res["retrieval"] = bench_retrieval(args.retrieval_n, args.dim, device)
     if "augment" in only:

@@ -130,3 +130,16 @@ def test_hsv_round_trip_matches_colorsys():
     ref = torch.tensor([colorsys.rgb_to_hsv(*x[:, i, j].tolist()) for i in range(4) for j in range(5)])
     assert torch.allclose(torch.stack([h, s, v]).flatten(1).T, ref.float(), atol=1e-5)
     assert torch.allclose(_hsv_to_rgb(h, s, v), x, atol=1e-5)
+
+
+def test_one_thread_gives_the_same_views_and_restores_the_thread_count():
+    from polyalign.data.augment import one_thread
+
+    cfg = AugmentConfig(enabled=True, blur=1.0, crop_scale=(0.3, 1.0))
+    img = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    before = torch.get_num_threads()
+    plain = augment_image(img, np.random.default_rng(3), cfg)
+    with one_thread():
+        assert torch.get_num_threads() == 1
+        single = augment_image(img, np.random.default_rng(3), cfg)
+    assert torch.get_num_threads() == before and torch.equal(plain, single)
