@@ -66,5 +66,6 @@ def make_loader(dataset, tokenizer, batch_size: int, seed: int, start_step: int,
     sampler = GlobalBatchSampler(len(dataset), batch_size, seed, start_step, rank, world_size)
     return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=Collator(tokenizer),
                                        num_workers=num_workers, persistent_workers=False,
+                                       pin_memory=torch.cuda.is_available(),  # lets the copy to the GPU overlap
                                        generator=torch.Generator().manual_seed(seed),  # keep the global RNG untouched
                                        prefetch_factor=4 if num_workers else None)
