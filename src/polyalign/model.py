@@ -87,10 +87,6 @@ class ContrastiveModel(nn.Module):
         """Outputs the active loss terms read: ``image_emb``/``text_emb``/``logit_scale`` (clip),
         ``image_view{1,2}_emb`` and, with MoCo, ``moco_key{1,2}_emb`` + ``moco_queue`` (image_image),
         ``text_view{1,2}_emb`` (text_text), ``tag_logits`` + ``tag_targets`` (tags)."""
-        if self.image_intra_head is None and self.text_intra_head is None and self.tag_head is None:
-            return {"image_emb": self.encode_image(batch["image"]),
-                    "text_emb": self.encode_text(batch["text"], batch["text_mask"]),
-                    "logit_scale": self.scale()}
         out, b = {}, batch["image"].shape[0]
         views = self.image_intra_head is not None
         tokens = self.image_encoder(torch.cat([batch["image"], batch["image_view2"]]) if views else batch["image"])

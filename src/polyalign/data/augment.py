@@ -134,10 +134,30 @@ def _blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     return x[0]
 
 
+@contextlib.contextmanager
+def one_thread():
+    """Run per-sample tensor ops on one torch thread: on tiny images, intra-op threads cost more than they save
+    (measured: ~0.4 ms/image on one thread, up to 80 ms on two threads of a busy 2-core machine)."""
+    n = torch.get_num_threads()
+    if n == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
 def augment_image(image: torch.Tensor, rng: np.random.Generator, cfg: AugmentConfig) -> torch.Tensor:
     """One random view of a uint8 (3, H, W) image, same size and dtype; ``image`` itself when disabled."""
     if not cfg.enabled:
         return image
+    with one_thread():  # the same result on any number of threads, much faster on one
+        return _augment(image, rng, cfg)
+
+
+def _augment(image: torch.Tensor, rng: np.random.Generator, cfg: AugmentConfig) -> torch.Tensor:
     _, h, w = image.shape
     top, left, ch, cw = _crop_box(h, w, rng, cfg.crop_scale, cfg.crop_ratio)
     x = image[:, top:top + ch, left:left + cw].float() / 255.0  # (3, ch, cw) in [0, 1]
@@ -153,17 +173,3 @@ def augment_image(image: torch.Tensor, rng: np.random.Generator, cfg: AugmentCon
         x = _blur(x, rng.uniform(0.1, 1.0) * min(h, w) / 48)
     return (x * 255.0).round_().clamp_(0, 255).to(torch.uint8)
 
-
-@contextlib.contextmanager
-def one_thread():
-    """Run per-sample tensor ops on one torch thread: on tiny images, intra-op threads cost more than they save
-    (measured: ~0.4 ms/image on one thread, up to 80 ms on two threads of a busy 2-core machine)."""
-    n = torch.get_num_threads()
-    if n == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)

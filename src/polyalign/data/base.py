@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .augment import AugmentConfig, augment_image, one_thread
+from .augment import AugmentConfig, augment_image
 from .tags import multi_hot
 
 
@@ -120,11 +120,10 @@ class ImageTextDataset(torch.utils.data.Dataset):
         if v is None:
             return sample
         image = sample["image"]
-        with one_thread():  # results are the same on any number of threads
-            if v.augment is not None and v.augment.enabled:
-                sample["image"] = augment_image(image, rng, v.augment)
-            if v.image_views == 2:
-                sample["image_view2"] = augment_image(image, rng, v.augment)
+        if v.augment is not None and v.augment.enabled:
+            sample["image"] = augment_image(image, rng, v.augment)
+        if v.image_views == 2:
+            sample["image_view2"] = augment_image(image, rng, v.augment)
         if v.text_views == 2:
             sample["caption_view2"] = second_caption(caps, c, rng, v.word_drop)
         if v.tag_index is not None:
