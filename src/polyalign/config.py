@@ -93,6 +93,10 @@ class LossConfig:
     image_image: str = "simclr"  # simclr (in-batch NT-Xent) | moco (momentum encoder + queue): the image–image term
     temperatures: dict[str, float] = field(default_factory=lambda: {"image_image": 0.1, "text_text": 0.05})
 
+    def active(self) -> set[str]:
+        """Names of the terms with a nonzero weight."""
+        return {k for k, w in self.weights.items() if w != 0}
+
 
 @dataclass
 class TrainConfig:

@@ -38,7 +38,9 @@ def init_from_env() -> torch.device:
 
 
 def shutdown() -> None:
+    """Leave the process group together with the other ranks (gloo can abort a rank whose peer is still busy)."""
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 

@@ -134,7 +134,7 @@ def build_model(cfg: ModelConfig, image_size: int, vocab_size: int, loss: LossCo
     else:
         text = TextTransformer(vocab_size, tc.context_length, tc.width, tc.layers, tc.heads, tc.mlp_ratio, tc.dropout)
     model = ContrastiveModel(image, text, cfg.embed_dim, cfg.init_temperature, cfg.max_logit_scale, ic.pool, tc.pool)
-    terms = {k for k, w in (loss.weights if loss else {}).items() if w != 0}
+    terms = loss.active() if loss else set()
     if terms - {"clip"} or (loss and "clip" not in terms):
         model.add_intra_modal(terms, cfg.intra_dim, loss.image_image, cfg.moco.queue_size, cfg.moco.momentum, tag_names)
     return model

@@ -29,15 +29,10 @@ def prepare_tokenizer(cfg: Config, train_ds: ImageTextDataset, run_dir: Path) ->
     return tok
 
 
-def active_terms(cfg: Config) -> set[str]:
-    """Loss terms with a nonzero weight."""
-    return {k for k, w in cfg.loss.weights.items() if w != 0}
-
-
 def prepare_views(cfg: Config, datasets: dict, run_dir: Path, main: bool = True) -> list[str]:
     """Configure what training samples carry for the active intra-modal terms (augmented views, a second
     caption, multi-hot tags) on the train and val splits; returns the tag vocabulary (saved as ``tags.json``)."""
-    terms, d = active_terms(cfg), cfg.data
+    terms, d = cfg.loss.active(), cfg.data
     if "image_image" in terms and not d.augment.enabled:
         raise ConfigError("loss.weights.image_image needs data.augment.enabled=true: without augmentation the two "
                           "views of an image are identical and the term learns nothing")
@@ -91,7 +86,7 @@ def evaluate_run(cfg: Config, model: torch.nn.Module, tok: Tokenizer, datasets: 
                         zeroshot_fields=e.zeroshot_fields or None, templates=e.templates or None,
                         probe_field=e.probe_field or None, probe_max_train=e.probe_max_train,
                         max_captions=e.max_captions, chunk_size=e.chunk_size, precision=e.precision, out_dir=run_dir,
-                        n_examples=e.n_examples)
+                        n_examples=e.n_examples, tag_min_count=cfg.data.tag_min_count, max_tags=cfg.data.max_tags)
 
 
 def write_metrics(run_dir: Path, metrics: dict) -> None:

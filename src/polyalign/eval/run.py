@@ -77,10 +77,11 @@ class _Features:
         return torch.stack([rows[i] for i in idx])
 
 
-def _tagging(model, train_ds, test_ds, features: _Features, max_train: int, batch_size: int) -> dict[str, float]:
+def _tagging(model, train_ds, test_ds, features: _Features, max_train: int, batch_size: int,
+             tag_min_count: int = 5, max_tags: int = 1000) -> dict[str, float]:
     """``tagging/probe_mAP`` and ``tagging/n_tags`` (vocabulary from train_ds), plus ``tagging/head_mAP`` when the
     model has a tag head (``tag_logits`` over ``tag_names``); {} when the data has no usable tags."""
-    vocab = tag_vocabulary(train_ds.tags(i) for i in range(len(train_ds)))
+    vocab = tag_vocabulary((train_ds.tags(i) for i in range(len(train_ds))), tag_min_count, max_tags)
     if not vocab:
         return {}
     test_y = tag_matrix(test_ds, vocab)  # (M, T)
@@ -138,6 +139,8 @@ def evaluate(
     precision: str = "fp32",
     out_dir=None,
     n_examples: int = 5,
+    tag_min_count: int = 5,
+    max_tags: int = 1000,
 ) -> dict[str, float]:
     """Flat metrics: ``retrieval/*`` on test_ds, ``zeroshot/<field>_acc``, ``probe/<field>_acc`` (trained on train_ds),
     ``tagging/*`` when the datasets have tags (see ``_tagging``)."""
@@ -175,7 +178,7 @@ def evaluate(
                                                                features(test_ds, test_idx), test_y)
         except ProbeDataError as err:
             logger.warning("linear probe on %r skipped: %s", probe_field, err)
-    results |= _tagging(model, train_ds, test_ds, features, probe_max_train, batch_size)
+    results |= _tagging(model, train_ds, test_ds, features, probe_max_train, batch_size, tag_min_count, max_tags)
 
     if out_dir is not None and n_examples > 0:
         path = Path(out_dir) / "retrieval_examples.png"
