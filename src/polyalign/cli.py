@@ -5,6 +5,7 @@
     polyalign demo [--out DIR] [key=value ...]
     polyalign sweep CONFIG.yaml --seeds 0,1,2 --out DIR [key=value ...]
     polyalign table SWEEP_DIR [SWEEP_DIR ...] --metrics a,b [--names x,y]
+    polyalign connect CONFIG.yaml [key=value ...] [--out DIR]
     polyalign data shapes --out DIR [--train-size N] [--test-size N]
     polyalign data speech --manifest M --out DIR [--voices v1,v2] [--captions-per-item K] [--limit N]
     polyalign data emoji --out DIR [--styles google,twitter] [--source PATH ...] [--cache DIR] [--allow-unlicensed]
@@ -97,6 +98,17 @@ def cmd_table(args) -> int:
 
     names = [n.strip() for n in args.names.split(",")] if args.names else None
     print(compare_table(args.sweeps, [m.strip() for m in args.metrics.split(",") if m.strip()], names), end="")
+    return 0
+
+
+def cmd_connect(args) -> int:
+    from .connect import load_connect_config, run_connect
+
+    cfg = load_connect_config(args.config, args.overrides)
+    out = Path(args.out or Path("runs") / Path(args.config).stem)
+    metrics = run_connect(cfg, out)
+    print(json.dumps(metrics, indent=2, sort_keys=True))
+    print(f"connected model and metrics.json in {out}")
     return 0
 
 
@@ -206,6 +218,11 @@ def build_parser() -> argparse.ArgumentParser:
     tb.add_argument("--metrics", required=True, help="comma-separated metric keys, e.g. retrieval/t2i_R@1")
     tb.add_argument("--names", default="", help="comma-separated row names (default: directory names)")
     tb.set_defaults(func=cmd_table)
+    c = sub.add_parser("connect", help="connect two embedding spaces that share a modality (C-MCR) from embedding files")
+    c.add_argument("config", help="YAML naming the embedding files and hyperparameters (keys: see polyalign.connect)")
+    c.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=10 method.mode=exmcr")
+    c.add_argument("--out", help="output directory (default runs/<config name>)")
+    c.set_defaults(func=cmd_connect)
     d = sub.add_parser("demo", help="train and evaluate the default recipe on the embedded shapes data")
     d.add_argument("overrides", nargs="*", help="dotted overrides")
     d.add_argument("--out", default="runs/demo")
