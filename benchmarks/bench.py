@@ -9,6 +9,8 @@ Writes ``benchmarks/results/bench.json`` and ``benchmarks/results/bench.md``.
              and precision: samples/s, and model FLOPs utilisation against the matmul peak measured in this run
   loader     our resumable loader (default workers) vs the train step, samples/s: the demo recipe, and MCT's views
   retrieval  text↔image recall@1/5/10 over N images × N captions
+  fdt        FDT max-pool grounding, naive (holds the (B, N, C) relevance) vs chunked: forward + backward time, peak
+             extra memory (fresh subprocesses) and the largest difference of outputs and gradients
   augment    SimCLR-like view augmentation on one process (one torch thread, as in a loader worker), images/s
              next to the train step's samples/s measured in the same run
 """
@@ -24,6 +26,7 @@ from pathlib import Path
 import torch
 
 from bench_data import LOADER_RECIPES, bench_augment, bench_loader
+from bench_fdt import bench_fdt
 from bench_loss import bench_loss
 from bench_retrieval import bench_retrieval
 from bench_train import bench_train
@@ -70,6 +73,18 @@ def markdown(res: dict) -> str:
         lines += [f"| {r['method']} | {r['n']} × {r['n']} | {r['dim']} | {r['seconds']:.1f} | {r['t2i_R@1']:.4f} |"
                   for r in res["retrieval"]]
         lines.append("")
+    if res.get("fdt"):
+        lines += ["## FDT grounding (max over tokens), forward + backward", "",
+                  "| B | N | C | D | impl | chunk | time (s) | peak extra memory (MB) | max abs diff (r, dQ, dF) | note |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in res["fdt"]:
+            diff = ", ".join(f"{v:.1e}" for v in r["max_abs_diff"].values()) if "max_abs_diff" in r else ""
+            lines.append(f"| {r['B']} | {r['N']} | {r['C']} | {r['D']} | {r['impl']} | {r['chunk']} | "
+                         f"{_fmt(r['seconds'], '.2f')} | {_fmt(r['peak_extra_mb'], '.0f')} | {diff} | {r.get('note', '')} |")
+        chunked = res["fdt"][-1]
+        if "time_ratio" in chunked:
+            lines += ["", f"Chunked ÷ naive: time ×{chunked['time_ratio']:.2f}, memory ×{chunked['memory_ratio']:.2f}."]
+        lines.append("")
     if res.get("augment"):
         r, train = res["augment"], _train_samples_per_s(res)
         lines += ["## View augmentation (one process, one thread)", "",
@@ -91,7 +106,7 @@ def _train_samples_per_s(res: dict):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--only", default="loss,train,loader,retrieval,augment", help="comma-separated sections")
+    p.add_argument("--only", default="loss,train,loader,retrieval,fdt,augment", help="comma-separated sections")
     p.add_argument("--batches", default="1024,4096,16384,65536", help="loss batch sizes")
     p.add_argument("--dim", type=int, default=256)
     p.add_argument("--train-batch", type=int, default=128)
@@ -99,6 +114,7 @@ def main(argv=None) -> int:
     p.add_argument("--precisions", default="fp32,bf16")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile row (compiling takes minutes)")
     p.add_argument("--retrieval-n", type=int, default=100_000)
+    p.add_argument("--fdt-size", default="256,196,16384,512", help="FDT section: B,N,C,D")
     p.add_argument("--augment-n", type=int, default=2000, help="images augmented in the augment section")
     p.add_argument("--out", default=str(HERE / "results"))
     args = p.parse_args(argv)
@@ -116,6 +132,8 @@ def main(argv=None) -> int:
         res["loader"] = [bench_loader(100, name, over) for name, over in LOADER_RECIPES.items()]
     if "retrieval" in only:
         res["retrieval"] = bench_retrieval(args.retrieval_n, args.dim, device)
+    if "fdt" in only:
+        res["fdt"] = bench_fdt(*[int(x) for x in args.fdt_size.split(",")], device=device.type)
     if "augment" in only:
         res["augment"] = bench_augment(args.augment_n)
     out = Path(args.out)

@@ -74,6 +74,18 @@ class MocoConfig:
 
 
 @dataclass
+class FdtConfig:
+    """FDT head (arXiv 2303.14865), built only when ``loss.weights.fdt`` > 0."""
+    codebook_size: int = 1024  # C, entries of the shared codebook (authors: 16384 on CC3M)
+    dim: int = 0  # D, width of the codebook; 0 = model.embed_dim
+    t_fdt: float = 1000.0  # fixed temperature dividing the relevance (authors' value; starts near-uniform, all active)
+    norm: str = "sparsemax"  # sparsemax | softmax | sigmoid: scores over the codebook → weights
+    pool: str = "max"  # max | mean: over the patches / words
+    chunk: int = 16  # max pooling: tokens per chunk (memory O(B·chunk·C)); 0 = all at once (O(B·N·C))
+    logit_scale_range: tuple[float, float] = (20.0, 100.0)  # clamp of the FDT loss's learnable logit scale
+
+
+@dataclass
 class ModelConfig:
     embed_dim: int = 128
     image: ImageEncoderConfig = field(default_factory=ImageEncoderConfig)
@@ -82,11 +94,13 @@ class ModelConfig:
     max_logit_scale: float = 100.0
     intra_dim: int = 128  # output of the MLP heads of the intra-modal (view–view) objectives
     moco: MocoConfig = field(default_factory=MocoConfig)
+    fdt: FdtConfig = field(default_factory=FdtConfig)
 
 
 @dataclass
 class LossConfig:
-    # terms: clip (image↔text InfoNCE), image_image (views; see image_image), text_text (caption views), tags (BCE)
+    # terms: clip (image↔text InfoNCE), image_image (views; see image_image), text_text (caption views), tags (BCE),
+    # fdt (image↔text InfoNCE on the FDT embeddings; alone = the paper's CLIP+FDT, with clip = both embeddings)
     weights: dict[str, float] = field(default_factory=lambda: {"clip": 1.0})
     contrastive: str = "dense"  # dense | tiled (never holds the B×B logits: for large batches)
     tile: int = 256  # rows per tile of the tiled loss at most (fewer for very large batches: a tile stays ≤ 16 MiB)
@@ -150,6 +164,8 @@ CHOICES = {
     "loss.contrastive": ("dense", "tiled"),
     "loss.image_image": ("simclr", "moco"),
     "eval.precision": ("fp32", "bf16"),
+    "model.fdt.norm": ("sparsemax", "softmax", "sigmoid"),
+    "model.fdt.pool": ("max", "mean"),
 }
 
 
@@ -307,6 +323,7 @@ def validate(cfg: Config) -> None:
         if value <= 0:
             raise ConfigError(f"config key '{key}' must be positive, got {value}")
     check_augment_config(cfg.data.augment)
+    _check_fdt(cfg.model.fdt)
     if cfg.train.grad_cache_chunk < 0:
         raise ConfigError(f"config key 'train.grad_cache_chunk' must be >= 0, got {cfg.train.grad_cache_chunk}")
     if cfg.data.num_workers < 0:
@@ -318,6 +335,15 @@ def validate(cfg: Config) -> None:
         raise ConfigError("data.name=manifest needs data.train_manifest (a JSONL or CSV file)")
     if not 0.0 <= cfg.data.max_bad_fraction <= 1.0:
         raise ConfigError("config key 'data.max_bad_fraction' must lie in [0, 1]")
+
+
+def _check_fdt(f: FdtConfig) -> None:
+    if f.codebook_size <= 0 or f.dim < 0 or f.chunk < 0 or not f.t_fdt > 0:
+        raise ConfigError(f"model.fdt: codebook_size and t_fdt must be > 0, dim and chunk >= 0; got "
+                          f"codebook_size={f.codebook_size}, t_fdt={f.t_fdt}, dim={f.dim}, chunk={f.chunk}")
+    lo, hi = f.logit_scale_range
+    if not 0 < lo <= hi:
+        raise ConfigError(f"model.fdt.logit_scale_range must be (low, high) with 0 < low <= high, got {(lo, hi)}")
 
 
 def to_dict(cfg) -> dict:

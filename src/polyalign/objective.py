@@ -16,14 +16,24 @@ from .losses.intra import local_nt_xent, moco_info_nce, nt_xent, tag_bce
 from .losses.tiled import tiled_info_nce
 
 
-def clip_term(out: dict, cfg: LossConfig) -> torch.Tensor:
-    """Symmetric image–text InfoNCE; under DDP (gathered ``*_emb_all`` present) this rank's local share."""
-    a, b, scale = out["image_emb"], out["text_emb"], out["logit_scale"]
-    tiled = cfg.contrastive == "tiled"
-    if "image_emb_all" in out:
-        return local_info_nce(a, b, out["image_emb_all"], out["text_emb_all"], scale, out["rank_offset"],
+def _pair_info_nce(out: dict, cfg: LossConfig, a_key: str, b_key: str, scale: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE between ``out[a_key]`` and ``out[b_key]`` (dense or tiled per ``cfg.contrastive``);
+    under DDP (gathered ``<key>_all`` present) this rank's local share of the global-batch loss."""
+    a, b, tiled = out[a_key], out[b_key], cfg.contrastive == "tiled"
+    if f"{a_key}_all" in out:
+        return local_info_nce(a, b, out[f"{a_key}_all"], out[f"{b_key}_all"], scale, out["rank_offset"],
                               tiled, cfg.tile)
     return tiled_info_nce(a, b, scale, cfg.tile) if tiled else info_nce(a, b, scale)
+
+
+def clip_term(out: dict, cfg: LossConfig) -> torch.Tensor:
+    """Symmetric image–text InfoNCE on the projection-head embeddings."""
+    return _pair_info_nce(out, cfg, "image_emb", "text_emb", out["logit_scale"])
+
+
+def fdt_term(out: dict, cfg: LossConfig) -> torch.Tensor:
+    """Symmetric image–text InfoNCE on the FDT embeddings with their own logit scale (arXiv 2303.14865)."""
+    return _pair_info_nce(out, cfg, "fdt_image_emb", "fdt_text_emb", out["fdt_logit_scale"])
 
 
 def image_image_term(out: dict, cfg: LossConfig) -> torch.Tensor:
@@ -57,6 +67,7 @@ TERMS = {  # name → f(model output dict, loss config) -> scalar
     "image_image": image_image_term,
     "text_text": text_text_term,
     "tags": tags_term,
+    "fdt": fdt_term,
 }
 
 

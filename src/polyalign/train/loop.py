@@ -221,6 +221,8 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, show_progress:
                 step_time_total += dt
                 if step % t.log_every == 0 or step == t.max_steps:
                     shown = {k: dist.mean_over_ranks(v).item() for k, v in losses.items()}  # global-batch loss
+                    shown.update({k.removeprefix("stat/"): dist.mean_over_ranks(v).item()  # e.g. FDT sparsity
+                                  for k, v in seen["out"].items() if k.startswith("stat/")})
                 if main and (step % t.log_every == 0 or step == t.max_steps):
                     row = {"step": step, **shown, "lr": lr,
                            "samples_per_s": window["samples"] / window["time"],
