@@ -297,3 +297,38 @@ def test_training_log_has_the_sparsity(tmp_path, tiny_overrides):
     for r in steps:
         assert 1 <= r["fdt_image_active"] <= 64 and 1 <= r["fdt_text_active"] <= 64
         assert 20 <= r["fdt_logit_scale"] <= 100 and "fdt_loss" in r
+
+
+@pytest.mark.parametrize("kind", ["cnn", "vit"])
+def test_inspect_fdt_report(tmp_path, tiny_overrides, kind):
+    from polyalign.cli import main
+    from polyalign.train.loop import train
+
+    over = tiny_overrides + ["loss.weights.fdt=1", "loss.weights.clip=0", "train.max_steps=2", f"model.image.kind={kind}",
+                             "train.checkpoint_every=2", "eval.n_examples=0", "model.fdt.codebook_size=64",
+                             "model.fdt.t_fdt=1"]
+    train(load_config(None, over), tmp_path / "run", show_progress=False)
+    assert main(["inspect", "fdt", str(tmp_path / "run"), "--samples", "3", "--tokens", "4"]) == 0
+    out = tmp_path / "run" / "inspect-fdt"
+    for name in ("samples.png", "tokens.png", "report.html"):
+        assert (out / name).stat().st_size > 1000
+    report = json.loads((out / "report.json").read_text())
+    assert report["items"] == 96 and report["codebook_size"] == 64
+    assert 1 <= report["mean_active_image"] <= 64 and 1 <= report["mean_active_text"] <= 64
+    assert len(report["samples"]) == 3 and len(report["tokens"]) == 4
+    for t in report["tokens"]:
+        assert t["words"] and all(isinstance(w, str) and w and not w.startswith("[") for w, _ in t["words"])
+        weights = t["image_weights"]
+        assert weights == sorted(weights, reverse=True)  # the images that weigh the token most, in order
+    for s in report["samples"]:  # listed tokens are the active ones, heaviest first
+        assert all(v > 0 for _, v in s["image_tokens"]) and len(s["image_tokens"]) <= 8
+        assert set(s["shared"]) <= {c for c, _ in s["image_tokens"]}
+
+
+def test_inspect_fdt_needs_an_fdt_run(tmp_path, tiny_overrides):
+    from polyalign.cli import main
+    from polyalign.train.loop import train
+
+    train(load_config(None, tiny_overrides + ["train.max_steps=2", "train.checkpoint_every=2", "eval.n_examples=0"]),
+          tmp_path / "run", show_progress=False)
+    assert main(["inspect", "fdt", str(tmp_path / "run")]) == 1

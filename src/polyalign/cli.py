@@ -168,6 +168,18 @@ def cmd_data_speech(args) -> int:
     return 0
 
 
+def cmd_inspect_fdt(args) -> int:
+    from .eval.inspect_fdt import inspect_fdt
+
+    out = inspect_fdt(args.run_dir, args.out, n_samples=args.samples, n_tokens=args.tokens, split=args.split)
+    report = json.loads((out / "report.json").read_text())
+    print(f"mean active FDT tokens: {report['mean_active_image']:.1f} per image, "
+          f"{report['mean_active_text']:.1f} per caption ({report['entries_ever_active']} of "
+          f"{report['codebook_size']} entries ever active)")
+    print(f"wrote {out / 'report.html'} (samples.png, tokens.png, report.json)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="polyalign", description="Multimodal contrastive representation learning.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -223,6 +235,15 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=10 method.mode=exmcr")
     c.add_argument("--out", help="output directory (default runs/<config name>)")
     c.set_defaults(func=cmd_connect)
+    ins = sub.add_parser("inspect", help="pictures of what a trained model learned")
+    ins_sub = ins.add_subparsers(dest="what", required=True)
+    fd = ins_sub.add_parser("fdt", help="FDT runs: top tokens of samples; words and image patches of the most used tokens")
+    fd.add_argument("run_dir")
+    fd.add_argument("--out", default=None, help="report folder (default RUN_DIR/inspect-fdt)")
+    fd.add_argument("--samples", type=int, default=6, help="sample image–caption pairs shown")
+    fd.add_argument("--tokens", type=int, default=8, help="most used tokens shown")
+    fd.add_argument("--split", default="test")
+    fd.set_defaults(func=cmd_inspect_fdt)
     d = sub.add_parser("demo", help="train and evaluate the default recipe on the embedded shapes data")
     d.add_argument("overrides", nargs="*", help="dotted overrides")
     d.add_argument("--out", default="runs/demo")
