@@ -111,7 +111,7 @@ def test_default_config_is_valid_and_colour_ops_off():
 @pytest.mark.parametrize("field,value", [
     ("flip", 1.5), ("blur", -0.1), ("grayscale", 2.0), ("color_jitter_p", -1.0),
     ("crop_scale", (0.0, 1.0)), ("crop_scale", (0.8, 0.5)), ("crop_scale", (0.5, 1.2)), ("crop_scale", (0.5,)),
-    ("crop_ratio", (0.0, 1.0)), ("crop_ratio", (2.0, 1.0)), ("color_jitter", -0.5),
+    ("crop_ratio", (0.0, 1.0)), ("crop_ratio", (2.0, 1.0)), ("color_jitter", -0.5), ("noise", 1.1), ("cutout", -0.2),
 ])
 def test_bad_config_names_the_key(field, value):
     cfg = dataclasses.replace(AugmentConfig(), **{field: value})
@@ -143,3 +143,19 @@ def test_one_thread_gives_the_same_views_and_restores_the_thread_count():
         assert torch.get_num_threads() == 1
         single = augment_image(img, np.random.default_rng(3), cfg)
     assert torch.get_num_threads() == before and torch.equal(plain, single)
+
+
+def test_noise_and_cutout_keep_the_mean_colour_and_change_the_image():
+    colour = torch.tensor([200, 30, 90], dtype=torch.uint8)
+    img = colour.view(3, 1, 1).expand(3, 48, 48).contiguous()
+    assert torch.equal(augment_image(img, _rng(0), AugmentConfig(**FIXED, cutout=1.0)), img)  # erased with its mean
+    textured = _image()
+    out = augment_image(textured, _rng(0), AugmentConfig(**FIXED, cutout=1.0))
+    changed = (out != textured).any(0)
+    rows, cols = changed.any(1).nonzero(), changed.any(0).nonzero()
+    box = (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)
+    assert 0.02 * 48 * 48 * 0.5 <= changed.sum() <= box <= 0.15 * 48 * 48 * 1.2  # one rectangle of the stated size
+    noisy = augment_image(img, _rng(1), AugmentConfig(**FIXED, noise=1.0)).float()
+    assert (noisy.mean((1, 2)) - colour.float()).abs().max() < 3  # zero-mean noise keeps the colour
+    assert 2 < noisy.std((1, 2)).mean() < 25
+

@@ -37,11 +37,13 @@ class AugmentConfig:
     grayscale: float = 0.0  # probability
     color_jitter: float = 0.0  # strength s: brightness/contrast/saturation ±0.8 s, hue ±0.2 s; 0 = off
     color_jitter_p: float = 0.8  # probability of applying the jitter when s > 0
+    noise: float = 0.0  # probability of additive Gaussian pixel noise, std in [0.02, 0.08] (colour-preserving)
+    cutout: float = 0.0  # probability of erasing one rectangle (2–15 % of the area) with the image's mean colour
 
 
 def check_augment_config(cfg: AugmentConfig) -> None:
     """Raise ``ConfigError`` naming the ``data.augment.<field>`` key that holds an impossible value."""
-    for name in ("flip", "blur", "grayscale", "color_jitter_p"):
+    for name in ("flip", "blur", "grayscale", "color_jitter_p", "noise", "cutout"):
         p = getattr(cfg, name)
         if not 0.0 <= p <= 1.0:
             raise ConfigError(f"data.augment.{name} must be a probability in [0, 1], got {p}")
@@ -134,6 +136,17 @@ def _blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     return x[0]
 
 
+def _cutout(x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    """Fill one random rectangle (2–15 % of the area, aspect 1/2–2) with the image's mean colour."""
+    _, h, w = x.shape
+    area, aspect = h * w * rng.uniform(0.02, 0.15), math.exp(rng.uniform(math.log(0.5), math.log(2.0)))
+    ch, cw = min(h, max(1, round(math.sqrt(area / aspect)))), min(w, max(1, round(math.sqrt(area * aspect))))
+    top, left = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
+    x = x.clone()
+    x[:, top:top + ch, left:left + cw] = x.mean(dim=(1, 2), keepdim=True)
+    return x
+
+
 @contextlib.contextmanager
 def one_thread():
     """Run per-sample tensor ops on one torch thread: on tiny images, intra-op threads cost more than they save
@@ -171,5 +184,9 @@ def _augment(image: torch.Tensor, rng: np.random.Generator, cfg: AugmentConfig) 
         x = _gray(x).expand(3, -1, -1)
     if rng.random() < cfg.blur:
         x = _blur(x, rng.uniform(0.1, 1.0) * min(h, w) / 48)
+    if cfg.noise > 0 and rng.random() < cfg.noise:  # drawn only when on: older recipes keep their random streams
+        x = (x + torch.from_numpy(rng.normal(0.0, rng.uniform(0.02, 0.08), x.shape).astype(np.float32))).clamp(0, 1)
+    if cfg.cutout > 0 and rng.random() < cfg.cutout:
+        x = _cutout(x, rng)
     return (x * 255.0).round_().clamp_(0, 255).to(torch.uint8)
 
