@@ -6,6 +6,7 @@
     polyalign sweep CONFIG.yaml --seeds 0,1,2 --out DIR [key=value ...]
     polyalign table SWEEP_DIR [SWEEP_DIR ...] --metrics a,b [--names x,y]
     polyalign connect CONFIG.yaml [key=value ...] [--out DIR]
+    polyalign embed RUN_DIR [data.key=value ...] --modality M (--split S | --manifest M | --texts F) --out PREFIX
     polyalign data shapes --out DIR [--train-size N] [--test-size N]
     polyalign data speech --manifest M --out DIR [--voices v1,v2] [--captions-per-item K] [--limit N]
     polyalign data emoji --out DIR [--styles google,twitter] [--source PATH ...] [--cache DIR] [--allow-unlicensed]
@@ -109,6 +110,16 @@ def cmd_connect(args) -> int:
     metrics = run_connect(cfg, out)
     print(json.dumps(metrics, indent=2, sort_keys=True))
     print(f"connected model and metrics.json in {out}")
+    return 0
+
+
+def cmd_embed(args) -> int:
+    from .eval.export import export_embeddings
+
+    info = export_embeddings(args.run_dir, args.modality, args.out, split=args.split or "", manifest=args.manifest or "",
+                             texts=args.texts or "", classes=args.classes or "", overrides=args.overrides,
+                             id_field=args.id_field, label_field=args.label_field, which=args.which)
+    print(f"wrote {info['file']} ({info['rows']} × {info['dim']}) with its ids")
     return 0
 
 
@@ -235,6 +246,19 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=10 method.mode=exmcr")
     c.add_argument("--out", help="output directory (default runs/<config name>)")
     c.set_defaults(func=cmd_connect)
+    em = sub.add_parser("embed", help="write a run's embeddings of some items as PREFIX.npy + PREFIX.ids.txt (for connect)")
+    em.add_argument("run_dir")
+    em.add_argument("overrides", nargs="*", help="dotted overrides of the run's config, e.g. data.seed=1 data.test_size=500")
+    em.add_argument("--modality", required=True, choices=("image", "text", "audio", "points"), help="the tower to use")
+    em.add_argument("--split", help="items of the run's data: train | val | test")
+    em.add_argument("--manifest", help="an image–text or speech manifest (every row must be usable)")
+    em.add_argument("--texts", help="a text file, one text per line (ids: the texts)")
+    em.add_argument("--classes", help="a label field: write its zero-shot class embeddings (ids: class names)")
+    em.add_argument("--id-field", default="", help="manifest column holding the ids (default: the row index)")
+    em.add_argument("--label-field", default="", help="also write PREFIX.labels.txt from this label field/column")
+    em.add_argument("--which", choices=("latest", "best"), default="latest", help="checkpoint to use")
+    em.add_argument("--out", required=True, help="output prefix: PREFIX.npy, PREFIX.ids.txt, ...")
+    em.set_defaults(func=cmd_embed)
     ins = sub.add_parser("inspect", help="pictures of what a trained model learned")
     ins_sub = ins.add_subparsers(dest="what", required=True)
     fd = ins_sub.add_parser("fdt", help="FDT runs: top tokens of samples; words and image patches of the most used tokens")

@@ -18,15 +18,22 @@ from .errors import ConfigError
 
 @dataclass
 class DataConfig:
-    name: str = "shapes"  # shapes | manifest
+    name: str = "shapes"  # shapes | manifest | shapes_audio | speech | shapes3d (modalities: DATA_MODALITIES)
     image_size: int = 48
     num_workers: int = 0  # 0 = load in the training process (fastest for in-memory data on 2 cores)
     cache_dir: str = "cache"
-    # shapes
+    # shapes, shapes_audio, shapes3d
     train_size: int = 20000
     val_size: int = 500
     test_size: int = 2000
-    # manifest
+    seed: int = 0  # content seed of the synthetic data (another seed: other scenes/objects, e.g. disjoint data)
+    # shapes3d
+    n_points: int = 1024  # points per cloud
+    views: int = 4  # renders per object; a training sample takes one at random
+    points_augment: bool = False  # random rotation about the up axis, scale, jitter, point dropout (PointAugment)
+    # shapes_audio, speech (16 kHz mono)
+    audio_augment: bool = False  # gain, shift, time/frequency masks, noise (AudioAugment); training split only
+    # manifest, speech (a speech.jsonl of `polyalign data speech`)
     train_manifest: str = ""
     val_manifest: str = ""
     test_manifest: str = ""
@@ -68,6 +75,25 @@ class TextEncoderConfig:
 
 
 @dataclass
+class AudioEncoderConfig:
+    kind: str = "cnn"  # cnn: log-mel → residual 2D conv stages → tokens along time (encoders/audio.py)
+    pool: str = ""  # mean (over the real tokens); "" = the encoder's own
+    width: int = 128
+    layers: int = 3
+    n_mels: int = 64
+
+
+@dataclass
+class PointsEncoderConfig:
+    kind: str = "pointnet"  # pointnet: per-point MLP → farthest-point groups → max-pooled tokens (encoders/points.py)
+    pool: str = ""  # mean; "" = the encoder's own
+    width: int = 128
+    groups: int = 32  # tokens per cloud
+    k: int = 32  # points per group
+    hidden: int = 64  # width of the per-point MLP
+
+
+@dataclass
 class MocoConfig:
     queue_size: int = 4096  # keys kept as negatives; keep it below the training set's size
     momentum: float = 0.999  # EMA of the key encoder (short runs want less, e.g. 0.99)
@@ -87,9 +113,14 @@ class FdtConfig:
 
 @dataclass
 class ModelConfig:
+    # the two towers: the first reads image | audio | points, the second text | image (CLIP: image, text;
+    # CLAP: audio, text; ULIP: points, image); each tower's settings are in the section of its modality
+    modalities: tuple[str, str] = ("image", "text")
     embed_dim: int = 128
     image: ImageEncoderConfig = field(default_factory=ImageEncoderConfig)
     text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    audio: AudioEncoderConfig = field(default_factory=AudioEncoderConfig)
+    points: PointsEncoderConfig = field(default_factory=PointsEncoderConfig)
     init_temperature: float = 0.07
     max_logit_scale: float = 100.0
     intra_dim: int = 128  # output of the MLP heads of the intra-modal (view–view) objectives
@@ -155,11 +186,15 @@ class Config:
 
 
 CHOICES = {
-    "data.name": ("shapes", "manifest"),
+    "data.name": ("shapes", "manifest", "shapes_audio", "speech", "shapes3d"),
     "model.image.kind": ("vit", "cnn"),
     "model.text.kind": ("transformer", "hf"),
+    "model.audio.kind": ("cnn",),
+    "model.points.kind": ("pointnet",),
     "model.image.pool": ("", "cls", "mean"),
     "model.text.pool": ("", "cls", "mean"),
+    "model.audio.pool": ("", "mean"),
+    "model.points.pool": ("", "mean"),
     "train.precision": ("fp32", "bf16"),
     "loss.contrastive": ("dense", "tiled"),
     "loss.image_image": ("simclr", "moco"),
@@ -167,6 +202,13 @@ CHOICES = {
     "model.fdt.norm": ("sparsemax", "softmax", "sigmoid"),
     "model.fdt.pool": ("max", "mean"),
 }
+
+FIRST_MODALITIES, SECOND_MODALITIES = ("image", "audio", "points"), ("text", "image")
+DATA_MODALITIES = {  # what each data.name provides per item
+    "shapes": ("image", "text"), "manifest": ("image", "text"), "shapes_audio": ("audio", "text"),
+    "speech": ("audio", "text"), "shapes3d": ("points", "image", "text"),
+}
+IMAGE_TEXT_TERMS = ("image_image", "text_text", "tags", "fdt")  # loss terms that exist for image–text models only
 
 
 def _fields(obj) -> dict[str, dataclasses.Field]:
@@ -331,10 +373,29 @@ def validate(cfg: Config) -> None:
     if cfg.model.image.kind == "vit" and cfg.data.image_size % cfg.model.image.patch_size:
         raise ConfigError(f"data.image_size ({cfg.data.image_size}) must be a multiple of "
                           f"model.image.patch_size ({cfg.model.image.patch_size})")
-    if cfg.data.name == "manifest" and not cfg.data.train_manifest:
-        raise ConfigError("data.name=manifest needs data.train_manifest (a JSONL or CSV file)")
+    if cfg.data.name in ("manifest", "speech") and not cfg.data.train_manifest:
+        raise ConfigError(f"data.name={cfg.data.name} needs data.train_manifest (a JSONL or CSV file)")
+    _check_modalities(cfg)
     if not 0.0 <= cfg.data.max_bad_fraction <= 1.0:
         raise ConfigError("config key 'data.max_bad_fraction' must lie in [0, 1]")
+
+
+def _check_modalities(cfg: Config) -> None:
+    """The towers' modalities: a valid pair, provided by the data, with loss terms that exist for it."""
+    first, second = cfg.model.modalities
+    if first not in FIRST_MODALITIES or second not in SECOND_MODALITIES or first == second:
+        raise ConfigError(f"model.modalities must be [first, second] with first in {', '.join(FIRST_MODALITIES)} and "
+                          f"second in {', '.join(SECOND_MODALITIES)}, different; got {list(cfg.model.modalities)}")
+    provided = DATA_MODALITIES[cfg.data.name]
+    missing = [m for m in (first, second) if m not in provided]
+    if missing:
+        raise ConfigError(f"data.name={cfg.data.name} provides {', '.join(provided)}, not {', '.join(missing)} "
+                          f"(model.modalities={list(cfg.model.modalities)})")
+    if (first, second) != ("image", "text"):
+        extra = sorted(cfg.loss.active() & set(IMAGE_TEXT_TERMS))
+        if extra:
+            raise ConfigError(f"loss terms {', '.join(extra)} need model.modalities=[image, text]; "
+                              f"a {first}–{second} model trains the clip term only")
 
 
 def _check_fdt(f: FdtConfig) -> None:

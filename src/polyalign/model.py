@@ -7,7 +7,9 @@ import torch
 from torch import nn
 
 from .config import FdtConfig, LossConfig, ModelConfig
+from .encoders.audio import AudioCNN
 from .encoders.image import ConvNet, ViT
+from .encoders.points import PointNet
 from .encoders.text import HFTextEncoder, TextTransformer
 from .errors import ConfigError
 from .heads.fdt import FDTHead
@@ -16,20 +18,26 @@ from .heads.projection import MLPHead, ProjectionHead
 
 
 class ContrastiveModel(nn.Module):
-    """Image and text towers with projection heads and a learnable temperature (CLIP, arXiv 2103.00020).
+    """Two towers with projection heads and a learnable temperature (CLIP, arXiv 2103.00020).
 
-    ``forward(batch)`` returns a flat dict whose keys the loss terms consume:
-    ``image_emb`` (B, E), ``text_emb`` (B, E), ``logit_scale`` (scalar, clamped at ``max_logit_scale``).
-    Keys starting with ``stat/`` are scalars for the training log, read by no loss.
+    The towers are named by their modality, ``modalities = (first, second)``: image–text (CLIP, the default),
+    audio–text (CLAP, arXiv 2206.04769), points–image (ULIP, arXiv 2212.05171), ...; tower m is ``<m>_encoder`` +
+    ``<m>_head`` and reads batch key ``m`` (``text`` with ``text_mask``, ``audio`` with ``audio_mask``).
+    ``forward(batch)`` returns a flat dict whose keys the loss terms consume: ``<first>_emb`` (B, E),
+    ``<second>_emb`` (B, E), ``logit_scale`` (scalar, clamped at ``max_logit_scale``); image–text models add the
+    outputs of the MCT and FDT terms. Keys starting with ``stat/`` are scalars for the training log, read by no loss.
     """
 
-    def __init__(self, image_encoder: nn.Module, text_encoder: nn.Module, embed_dim: int,
+    def __init__(self, first_encoder: nn.Module, second_encoder: nn.Module, embed_dim: int,
                  init_temperature: float = 0.07, max_logit_scale: float = 100.0,
-                 image_pool: str = "", text_pool: str = ""):
+                 first_pool: str = "", second_pool: str = "", modalities: tuple[str, str] = ("image", "text")):
         super().__init__()
-        self.image_encoder, self.text_encoder = image_encoder, text_encoder
-        self.image_head = ProjectionHead(image_encoder.width, embed_dim, image_pool or image_encoder.pool)
-        self.text_head = ProjectionHead(text_encoder.width, embed_dim, text_pool or text_encoder.pool)
+        self.modalities = tuple(modalities)
+        encoders = (first_encoder, second_encoder)
+        for m, encoder in zip(self.modalities, encoders):  # image–text: image_encoder, text_encoder (checkpoint keys)
+            setattr(self, f"{m}_encoder", encoder)
+        for m, encoder, pool in zip(self.modalities, encoders, (first_pool, second_pool)):
+            setattr(self, f"{m}_head", ProjectionHead(encoder.width, embed_dim, pool or encoder.pool))
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / init_temperature)))
         self.max_log_scale = math.log(max_logit_scale)
         # MCT parts (arXiv 2104.12836), present only when their loss term is on (see ``add_intra_modal``)
@@ -67,6 +75,42 @@ class ContrastiveModel(nn.Module):
 
     def scale(self) -> torch.Tensor:
         return self.logit_scale.clamp(0.0, self.max_log_scale).exp()
+
+    def _tokens(self, modality: str, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A tower's tokens (B, N, W) and token mask (B, N) (None: all real) from the batch's inputs."""
+        if modality == "text":
+            return self._text_tokens(batch["text"], batch["text_mask"])
+        if modality == "audio":
+            mask = batch.get("audio_mask")
+            tokens = self.audio_encoder(batch["audio"], mask)
+            return tokens, None if mask is None else self.audio_encoder.token_mask(mask)
+        return getattr(self, f"{modality}_encoder")(batch[modality]), None  # image (B, 3, H, W), points (B, N, 3)
+
+    def encode(self, modality: str, batch: dict) -> torch.Tensor:
+        """Normalised embeddings (B, E) of one modality's inputs in ``batch`` (keys as in a training batch)."""
+        if modality == "image":
+            return self.encode_image(batch["image"])
+        if modality == "text":
+            return self.encode_text(batch["text"], batch["text_mask"])
+        return getattr(self, f"{modality}_head")(*self._tokens(modality, batch))
+
+    def features(self, modality: str, batch: dict) -> torch.Tensor:
+        """Pooled backbone features (B, W) of one modality, before projection (for linear probes)."""
+        return getattr(self, f"{modality}_head").features(*self._tokens(modality, batch)).float()
+
+    def encode_audio(self, audio: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Waveforms (B, T) and sample mask (B, T) (None: all real) → normalised embeddings (B, E)."""
+        return self.encode("audio", {"audio": audio, "audio_mask": mask})
+
+    def encode_points(self, points: torch.Tensor) -> torch.Tensor:
+        """Point clouds (B, N, 3) → normalised embeddings (B, E)."""
+        return self.encode("points", {"points": points})
+
+    def audio_features(self, audio: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.features("audio", {"audio": audio, "audio_mask": mask})
+
+    def points_features(self, points: torch.Tensor) -> torch.Tensor:
+        return self.features("points", {"points": points})
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """Pixels (B, 3, H, W) in [0, 1] → normalised embeddings (B, E): the FDT ones when the FDT head exists
@@ -123,7 +167,9 @@ class ContrastiveModel(nn.Module):
         ``fdt_image_emb``/``fdt_text_emb``/``fdt_logit_scale`` (fdt; plus the mean number of active codebook
         entries, ``stat/fdt_{image,text}_active``), ``image_view{1,2}_emb`` and, with MoCo,
         ``moco_key{1,2}_emb`` + ``moco_queue`` (image_image), ``text_view{1,2}_emb`` (text_text),
-        ``tag_logits`` + ``tag_targets`` (tags)."""
+        ``tag_logits`` + ``tag_targets`` (tags). A model of other modalities returns ``<m>_emb`` of both towers."""
+        if self.modalities != ("image", "text"):  # CLAP, ULIP, ...: the clip term only (config validation)
+            return {**{f"{m}_emb": self.encode(m, batch) for m in self.modalities}, "logit_scale": self.scale()}
         out, b = {}, batch["image"].shape[0]
         views = self.image_intra_head is not None
         tokens = self.image_encoder(torch.cat([batch["image"], batch["image_view2"]]) if views else batch["image"])
@@ -166,20 +212,35 @@ class ContrastiveModel(nn.Module):
         self.momentum.enqueue(torch.cat(keys))
 
 
+def build_encoder(cfg: ModelConfig, modality: str, image_size: int, vocab_size: int) -> nn.Module:
+    """One tower's encoder from its config section (a literal choice, no registry)."""
+    if modality == "image":
+        ic = cfg.image
+        if ic.kind == "vit":
+            return ViT(image_size, ic.patch_size, ic.width, ic.layers, ic.heads, ic.mlp_ratio, ic.dropout)
+        return ConvNet(ic.width, ic.layers)
+    if modality == "text":
+        tc = cfg.text
+        if tc.kind == "hf":
+            return HFTextEncoder(tc.hf_path, tc.lock, tc.cache)
+        return TextTransformer(vocab_size, tc.context_length, tc.width, tc.layers, tc.heads, tc.mlp_ratio, tc.dropout)
+    if modality == "audio":
+        return AudioCNN(cfg.audio.width, cfg.audio.layers, n_mels=cfg.audio.n_mels)
+    if modality == "points":
+        pc = cfg.points
+        return PointNet(pc.width, pc.groups, pc.k, pc.hidden)
+    raise ConfigError(f"unknown modality {modality!r} (image | text | audio | points)")
+
+
 def build_model(cfg: ModelConfig, image_size: int, vocab_size: int, loss: LossConfig | None = None,
                 tag_names: list[str] = ()) -> ContrastiveModel:
-    """Encoders and heads from the config (a literal choice, no registry); the heads of the intra-modal and FDT
-    terms with nonzero weight in ``loss`` are added (tags need the training data's ``tag_names``)."""
-    ic, tc = cfg.image, cfg.text
-    if ic.kind == "vit":
-        image = ViT(image_size, ic.patch_size, ic.width, ic.layers, ic.heads, ic.mlp_ratio, ic.dropout)
-    else:
-        image = ConvNet(ic.width, ic.layers)
-    if tc.kind == "hf":
-        text = HFTextEncoder(tc.hf_path, tc.lock, tc.cache)
-    else:
-        text = TextTransformer(vocab_size, tc.context_length, tc.width, tc.layers, tc.heads, tc.mlp_ratio, tc.dropout)
-    model = ContrastiveModel(image, text, cfg.embed_dim, cfg.init_temperature, cfg.max_logit_scale, ic.pool, tc.pool)
+    """Encoders (of ``cfg.modalities``) and heads from the config; the heads of the intra-modal and FDT terms with
+    nonzero weight in ``loss`` are added (tags need the training data's ``tag_names``)."""
+    first, second = cfg.modalities
+    pools = [getattr(cfg, m).pool for m in cfg.modalities]
+    model = ContrastiveModel(build_encoder(cfg, first, image_size, vocab_size),
+                             build_encoder(cfg, second, image_size, vocab_size), cfg.embed_dim,
+                             cfg.init_temperature, cfg.max_logit_scale, *pools, modalities=cfg.modalities)
     terms = loss.active() if loss else set()
     if terms - {"clip"} or (loss and "clip" not in terms):
         model.add_intra_modal(terms, cfg.intra_dim, loss.image_image, cfg.moco.queue_size, cfg.moco.momentum, tag_names)

@@ -6,6 +6,7 @@ A term whose weight is 0 is not computed at all.
 from __future__ import annotations
 
 import difflib
+import functools
 
 import torch
 
@@ -26,9 +27,10 @@ def _pair_info_nce(out: dict, cfg: LossConfig, a_key: str, b_key: str, scale: to
     return tiled_info_nce(a, b, scale, cfg.tile) if tiled else info_nce(a, b, scale)
 
 
-def clip_term(out: dict, cfg: LossConfig) -> torch.Tensor:
-    """Symmetric image–text InfoNCE on the projection-head embeddings."""
-    return _pair_info_nce(out, cfg, "image_emb", "text_emb", out["logit_scale"])
+def clip_term(out: dict, cfg: LossConfig, modalities: tuple[str, str] = ("image", "text")) -> torch.Tensor:
+    """Symmetric InfoNCE between the two towers' projection-head embeddings (image–text, audio–text, ...)."""
+    a, b = modalities
+    return _pair_info_nce(out, cfg, f"{a}_emb", f"{b}_emb", out["logit_scale"])
 
 
 def fdt_term(out: dict, cfg: LossConfig) -> torch.Tensor:
@@ -72,10 +74,12 @@ TERMS = {  # name → f(model output dict, loss config) -> scalar
 
 
 class Objective:
-    """Callable ``out → {"<name>_loss": value for each active term, "loss": weighted total}``."""
+    """Callable ``out → {"<name>_loss": value for each active term, "loss": weighted total}``; ``modalities`` names
+    the model's two towers (the clip term contrasts ``<first>_emb`` with ``<second>_emb``)."""
 
-    def __init__(self, weights: dict[str, float] | LossConfig):
+    def __init__(self, weights: dict[str, float] | LossConfig, modalities: tuple[str, str] = ("image", "text")):
         self.cfg = weights if isinstance(weights, LossConfig) else LossConfig(weights=dict(weights))
+        self.modalities = tuple(modalities)
         weights = self.cfg.weights
         for name in weights:
             if name not in TERMS:
@@ -92,6 +96,12 @@ class Objective:
             raise ConfigError("loss.weights: every term has weight 0; nothing to train")
 
     def __call__(self, out: dict) -> dict[str, torch.Tensor]:
-        losses = {f"{name}_loss": TERMS[name](out, self.cfg) for name in self.weights}
+        losses = {f"{name}_loss": self._term(name)(out, self.cfg) for name in self.weights}
         losses["loss"] = sum(self.weights[name] * losses[f"{name}_loss"] for name in self.weights)
         return losses
+
+    def _term(self, name: str):
+        """The term's function (looked up at call time); clip of a non–image-text model reads its towers' keys."""
+        if name == "clip" and self.modalities != ("image", "text"):
+            return functools.partial(clip_term, modalities=self.modalities)
+        return TERMS[name]

@@ -73,7 +73,7 @@ def load_run(run_dir: Path, which: str = "latest", overrides: list[str] = ()) ->
 
 
 def evaluate_run(cfg: Config, model: torch.nn.Module, tok: Tokenizer, datasets: dict, run_dir: Path | None) -> dict:
-    """Retrieval, zero-shot and linear probe on the test split (or val when there is no test split)."""
+    """Retrieval, zero-shot (with a text tower) and linear probe on the test split (or val when there is none)."""
     from .eval import evaluate
 
     test = datasets.get("test") or datasets.get("val")
@@ -86,7 +86,8 @@ def evaluate_run(cfg: Config, model: torch.nn.Module, tok: Tokenizer, datasets: 
                         zeroshot_fields=e.zeroshot_fields or None, templates=e.templates or None,
                         probe_field=e.probe_field or None, probe_max_train=e.probe_max_train,
                         max_captions=e.max_captions, chunk_size=e.chunk_size, precision=e.precision, out_dir=run_dir,
-                        n_examples=e.n_examples, tag_min_count=cfg.data.tag_min_count, max_tags=cfg.data.max_tags)
+                        n_examples=e.n_examples, tag_min_count=cfg.data.tag_min_count, max_tags=cfg.data.max_tags,
+                        modalities=cfg.model.modalities)
 
 
 def write_metrics(run_dir: Path, metrics: dict) -> None:

@@ -271,7 +271,8 @@ class SpeechManifest(torch.utils.data.Dataset):
     is the clip's path in the manifest, ``item`` the source image–text row (several clips may share one).
     """
 
-    def __init__(self, path: str | Path, sample_rate: int = 16000, max_bad_fraction: float = 0.01):
+    def __init__(self, path: str | Path, sample_rate: int = 16000, max_bad_fraction: float = 0.01,
+                 label_fields: tuple[str, ...] | list[str] = ("label",), label_names: dict[str, list[str]] | None = None):
         path = Path(path)
         if not path.is_file():
             raise DataError(f"audio manifest not found: {path}")
@@ -289,9 +290,12 @@ class SpeechManifest(torch.utils.data.Dataset):
         if bad > max_bad_fraction or not self.rows:
             raise DataError(f"{path}: {self.skip_report.n_skipped} of {len(rows)} rows are bad ({bad:.1%}, allowed "
                             f"{max_bad_fraction:.1%}). First bad rows: {'; '.join(self.skip_report.examples)}")
-        names = sorted({r["label"] for r in self.rows if isinstance(r.get("label"), str)})
-        self.label_names = {"label": names} if names else {}
-        self._label_index = {c: k for k, c in enumerate(names)}
+        if label_names is None:  # a test split passes the training split's, so class indices agree
+            found = {f: sorted({r[f] for r in self.rows if isinstance(r.get(f), str)}) for f in label_fields}
+            label_names = {f: names for f, names in found.items() if names}
+        self.label_names = label_names
+        self.prompt_templates = {f: ["{}", "a {}"] for f in label_names}
+        self._label_index = {f: {c: k for k, c in enumerate(names)} for f, names in label_names.items()}
         self.sample_seed = 0
         self.augment: AudioAugment | None = None
 
@@ -308,8 +312,16 @@ class SpeechManifest(torch.utils.data.Dataset):
         return self.rows[i]["audio"]
 
     def labels(self, i: int) -> dict[str, int]:
-        label = self.rows[i].get("label")
-        return {"label": self._label_index[label]} if isinstance(label, str) else {}
+        """Class index per label field; a class the vocabulary lacks (a test-only class) is left out."""
+        row = self.rows[i]
+        return {f: index[row[f]] for f, index in self._label_index.items() if isinstance(row.get(f), str) and row[f] in index}
+
+    def tags(self, i: int) -> list[str]:
+        return []
+
+    def all_captions(self):
+        for row in self.rows:
+            yield row["caption"].strip()
 
     def __getitem__(self, key) -> dict:
         epoch, i = key if isinstance(key, tuple) else (0, key)

@@ -2,17 +2,36 @@
 from __future__ import annotations
 
 from ..config import DataConfig
-from .base import ImageTextDataset
 
 
-def build_datasets(cfg: DataConfig, sample_seed: int, show_progress: bool = True) -> dict[str, ImageTextDataset]:
-    """``{"train": ..., "val": ..., "test": ...}`` (val/test absent when a manifest recipe gives none)."""
+def build_datasets(cfg: DataConfig, sample_seed: int, show_progress: bool = True) -> dict:
+    """``{"train": ..., "val": ..., "test": ...}`` (val/test absent when a manifest recipe gives none, or a
+    synthetic split has size 0). Which modalities each dataset's samples carry: ``config.DATA_MODALITIES``."""
+    sizes = {"train": cfg.train_size, "val": cfg.val_size, "test": cfg.test_size}
     if cfg.name == "shapes":
         from .shapes import ShapesDataset
 
-        sizes = {"train": cfg.train_size, "val": cfg.val_size, "test": cfg.test_size}
-        out = {split: ShapesDataset(split, n, cfg.image_size, seed=0, cache_dir=cfg.cache_dir or None)
+        out = {split: ShapesDataset(split, n, cfg.image_size, seed=cfg.seed, cache_dir=cfg.cache_dir or None)
                for split, n in sizes.items() if n > 0}
+    elif cfg.name == "shapes_audio":
+        from .audio import ShapesAudio
+
+        out = {split: ShapesAudio(split, n, seed=cfg.seed) for split, n in sizes.items() if n > 0}
+    elif cfg.name == "shapes3d":
+        from .points import Shapes3D
+
+        out = {split: Shapes3D(split, n, seed=cfg.seed, n_points=cfg.n_points, image_size=cfg.image_size,
+                               views=cfg.views, cache_dir=cfg.cache_dir or None)
+               for split, n in sizes.items() if n > 0}
+    elif cfg.name == "speech":
+        from .audio import SpeechManifest
+
+        train = SpeechManifest(cfg.train_manifest, max_bad_fraction=cfg.max_bad_fraction, label_fields=cfg.label_fields)
+        out = {"train": train}
+        for split, path in (("val", cfg.val_manifest), ("test", cfg.test_manifest)):
+            if path:
+                out[split] = SpeechManifest(path, max_bad_fraction=cfg.max_bad_fraction,
+                                            label_fields=cfg.label_fields, label_names=train.label_names)
     else:
         from .manifest import ManifestDataset
 
@@ -26,4 +45,12 @@ def build_datasets(cfg: DataConfig, sample_seed: int, show_progress: bool = True
                                              label_fields=cfg.label_fields)
     for ds in out.values():
         ds.sample_seed = sample_seed
+    if cfg.audio_augment and hasattr(out["train"], "augment") and cfg.name in ("shapes_audio", "speech"):
+        from .audio import AudioAugment
+
+        out["train"].augment = AudioAugment()
+    if cfg.points_augment and cfg.name == "shapes3d":
+        from .points import PointAugment
+
+        out["train"].augment = PointAugment()
     return out

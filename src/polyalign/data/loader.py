@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import DataError
+from .audio import pad_audio
 
 
 class GlobalBatchSampler:
@@ -40,23 +41,26 @@ class GlobalBatchSampler:
 
 
 class Collator:
-    """Samples → batch dict: ``image`` uint8 (B, 3, H, W), ``text`` (B, L), ``text_mask`` (B, L), ``index`` (B,);
-    with views: ``image_view2`` uint8 (B, 3, H, W), ``text_view2``/``text_view2_mask`` (B, L), ``tags`` (B, T)."""
+    """Samples → batch dict with whatever modalities the samples carry: ``image`` uint8 (B, 3, H, W); ``text``
+    (B, L) + ``text_mask`` (B, L) from the captions; ``audio`` float (B, T) zero-padded + ``audio_mask`` (B, T), True
+    on real samples; ``points`` (B, N, 3); always ``index`` (B,). With views: ``image_view2`` uint8 (B, 3, H, W),
+    ``text_view2``/``text_view2_mask`` (B, L), ``tags`` (B, T)."""
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
 
     def __call__(self, samples: list[dict]) -> dict:
-        ids, mask = self.tokenizer([s["caption"] for s in samples])
-        batch = {"image": torch.stack([s["image"] for s in samples]),
-                 "text": ids, "text_mask": mask,
-                 "index": torch.tensor([s["index"] for s in samples])}
-        if "image_view2" in samples[0]:  # views for the intra-modal objectives
-            batch["image_view2"] = torch.stack([s["image_view2"] for s in samples])
-        if "caption_view2" in samples[0]:
+        first = samples[0]
+        batch = {"index": torch.tensor([s["index"] for s in samples])}
+        for key in ("image", "image_view2", "points", "tags"):  # fixed-size tensors
+            if key in first:
+                batch[key] = torch.stack([s[key] for s in samples])
+        if "caption" in first:
+            batch["text"], batch["text_mask"] = self.tokenizer([s["caption"] for s in samples])
+        if "caption_view2" in first:
             batch["text_view2"], batch["text_view2_mask"] = self.tokenizer([s["caption_view2"] for s in samples])
-        if "tags" in samples[0]:
-            batch["tags"] = torch.stack([s["tags"] for s in samples])  # (B, T) multi-hot
+        if "audio" in first:  # clips of different lengths
+            batch["audio"], batch["audio_mask"] = pad_audio([s["audio"] for s in samples])
         return batch
 
 

@@ -1,4 +1,5 @@
-"""Embed a dataset's images and a list of texts in batches, in eval mode and without gradients."""
+"""Embed a dataset's items (images, audio clips, point clouds) and lists of texts in batches, in eval mode and
+without gradients."""
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -28,19 +29,39 @@ def model_device(model) -> torch.device:
     return first.device if first is not None else torch.device("cpu")
 
 
-def embed_images(model, dataset, batch_size: int = 256, indices=None, features: bool = False) -> torch.Tensor:
-    """(n, D) ``encode_image`` embeddings (or (n, W) ``image_features`` if ``features``) on the model's device."""
+def item_inputs(dataset, modality: str, indices: list[int], device) -> tuple[torch.Tensor, ...]:
+    """The model inputs of items ``indices``: image → pixels (B, 3, H, W) in [0, 1] (the dataset's ``image(i)``);
+    audio → waveforms (B, T) + sample mask (B, T) (``waveform(i)``); points → clouds (B, N, 3) (``points(i)``)."""
+    if modality == "image":
+        return (torch.stack([dataset.image(i) for i in indices]).to(device).float() / 255,)
+    if modality == "audio":
+        from polyalign.data.audio import pad_audio
+
+        return tuple(x.to(device) for x in pad_audio([dataset.waveform(i) for i in indices]))
+    if modality == "points":
+        return (torch.stack([dataset.points(i) for i in indices]).to(device),)
+    raise ValueError(f"cannot embed dataset items of modality {modality!r} (image | audio | points)")
+
+
+def embed_items(model, dataset, modality: str = "image", batch_size: int = 256, indices=None,
+                features: bool = False) -> torch.Tensor:
+    """(n, D) ``encode_<modality>`` embeddings (or (n, W) ``<modality>_features`` if ``features``) of a dataset's
+    items, on the model's device."""
     indices = list(range(len(dataset))) if indices is None else [int(i) for i in indices]
     if not indices:
-        raise ValueError("embed_images: no images to embed")
-    encode = model.image_features if features else model.encode_image
+        raise ValueError(f"embed_items: no {modality} items to embed")
+    encode = getattr(model, f"{modality}_features" if features else f"encode_{modality}")
     device = model_device(model)
     out = []
     with inference(model):
-        for start in tqdm(range(0, len(indices), batch_size), desc="embed images", disable=None, leave=False):
-            batch = torch.stack([dataset.image(i) for i in indices[start : start + batch_size]])  # (B, 3, H, W) uint8
-            out.append(encode(batch.to(device).float() / 255))
+        for start in tqdm(range(0, len(indices), batch_size), desc=f"embed {modality}", disable=None, leave=False):
+            out.append(encode(*item_inputs(dataset, modality, indices[start : start + batch_size], device)))
     return torch.cat(out)
+
+
+def embed_images(model, dataset, batch_size: int = 256, indices=None, features: bool = False) -> torch.Tensor:
+    """(n, D) ``encode_image`` embeddings (or (n, W) ``image_features`` if ``features``) on the model's device."""
+    return embed_items(model, dataset, "image", batch_size, indices, features)
 
 
 def embed_texts(model, tokenizer, texts: list[str], batch_size: int = 256) -> torch.Tensor:

@@ -1,5 +1,5 @@
 """One call that evaluates a model on a dataset: retrieval, zero-shot per label field, linear probe, tagging,
-examples PNG."""
+examples PNG. The model's towers may read any modalities (image–text, audio–text, points–image, ...)."""
 from __future__ import annotations
 
 import logging
@@ -10,7 +10,7 @@ import torch
 
 from polyalign.data.tags import tag_matrix, tag_vocabulary
 from polyalign.errors import ConfigError
-from polyalign.eval.embed import embed_images, embed_texts
+from polyalign.eval.embed import embed_items, embed_texts
 from polyalign.eval.plots import plot_retrieval_examples
 from polyalign.eval.probe import ProbeDataError, linear_probe
 from polyalign.eval.retrieval import retrieval_metrics, topk_chunked
@@ -63,17 +63,18 @@ def _subsample(idx: list[int], y: torch.Tensor, limit: int) -> tuple[list[int], 
 
 
 class _Features:
-    """Pooled image features (``image_features``) per dataset item, embedded once and shared by the probes."""
+    """Pooled features (``<modality>_features``) per dataset item, embedded once and shared by the probes."""
 
-    def __init__(self, model, batch_size: int):
-        self.model, self.batch_size, self.rows = model, batch_size, {}
+    def __init__(self, model, batch_size: int, modality: str = "image"):
+        self.model, self.batch_size, self.modality, self.rows = model, batch_size, modality, {}
 
     def __call__(self, dataset, idx: list[int]) -> torch.Tensor:
         """(len(idx), W) features of the items ``idx``; only items not embedded before are run through the model."""
         rows = self.rows.setdefault(id(dataset), {})
         missing = [i for i in dict.fromkeys(idx) if i not in rows]
         if missing:
-            rows.update(zip(missing, embed_images(self.model, dataset, self.batch_size, missing, features=True)))
+            rows.update(zip(missing, embed_items(self.model, dataset, self.modality, self.batch_size, missing,
+                                                 features=True)))
         return torch.stack([rows[i] for i in idx])
 
 
@@ -141,19 +142,31 @@ def evaluate(
     n_examples: int = 5,
     tag_min_count: int = 5,
     max_tags: int = 1000,
+    modalities: tuple[str, str] = ("image", "text"),
 ) -> dict[str, float]:
     """Flat metrics: ``retrieval/*`` on test_ds, ``zeroshot/<field>_acc``, ``probe/<field>_acc`` (trained on train_ds),
-    ``tagging/*`` when the datasets have tags (see ``_tagging``)."""
+    ``tagging/*`` when the datasets have tags (see ``_tagging``).
+
+    ``modalities`` are the model's towers (first, second). Retrieval is between the first tower's items and the
+    second's: captions (up to ``max_captions`` per item) when it is text, else each item's own input of that modality
+    (e.g. its render); keys name the direction by initials (``t2i``/``i2t`` for image–text, ``t2a``/``a2t`` for
+    audio–text, ``i2p``/``p2i`` for points–image). Zero-shot needs a text tower; probes read first-tower features."""
     results: dict[str, float] = {}
-    img_emb = embed_images(model, test_ds, batch_size)  # (N, D)
-    texts, txt_to_img = caption_table(test_ds, max_captions)
-    txt_emb = embed_texts(model, tokenizer, texts, batch_size)  # (M, D)
+    first, second = modalities
+    a_emb = embed_items(model, test_ds, first, batch_size)  # (N, D)
+    if second == "text":
+        texts, b_to_a = caption_table(test_ds, max_captions)
+        b_emb = embed_texts(model, tokenizer, texts, batch_size)  # (M, D)
+    else:
+        b_emb, b_to_a = embed_items(model, test_ds, second, batch_size), torch.arange(len(test_ds))  # (N, D), (N,)
     dtype = torch.bfloat16 if precision == "bf16" else None
-    for name, value in retrieval_metrics(img_emb, txt_emb, txt_to_img, chunk_size=chunk_size, dtype=dtype).items():
-        results[f"retrieval/{name}"] = value
+    names = {"t2i": f"{second[0]}2{first[0]}", "i2t": f"{first[0]}2{second[0]}"}
+    for name, value in retrieval_metrics(a_emb, b_emb, b_to_a, chunk_size=chunk_size, dtype=dtype).items():
+        direction, _, k = name.partition("_")
+        results[f"retrieval/{names.get(direction, direction)}{'_' if k else ''}{k}"] = value
 
     fields = zeroshot_fields_of(test_ds, templates) if zeroshot_fields is None else list(zeroshot_fields)
-    for field in fields:
+    for field in fields if second == "text" else []:  # class prompts need the text tower
         if field not in test_ds.label_names:
             raise ConfigError(f"eval.zeroshot_fields: {field!r} is not a label field of the test set "
                               f"(fields: {', '.join(test_ds.label_names) or 'none'})")
@@ -164,9 +177,9 @@ def evaluate(
         classifier = zeroshot_classifier(
             model, tokenizer, test_ds.label_names[field], _templates_for(test_ds, field, templates), batch_size
         )
-        results[f"zeroshot/{field}_acc"] = zeroshot_accuracy(img_emb[torch.tensor(idx, device=img_emb.device)], y, classifier)
+        results[f"zeroshot/{field}_acc"] = zeroshot_accuracy(a_emb[torch.tensor(idx, device=a_emb.device)], y, classifier)
 
-    features = _Features(model, batch_size)  # (n, W) pooled image features, shared by the linear and tagging probes
+    features = _Features(model, batch_size, first)  # (n, W) pooled features, shared by the linear and tagging probes
     probe_field = probe_field or (fields[0] if fields else None)
     if probe_field is not None:
         train_idx, train_y = _subsample(*items_with_field(train_ds, probe_field), probe_max_train)
@@ -180,7 +193,7 @@ def evaluate(
             logger.warning("linear probe on %r skipped: %s", probe_field, err)
     results |= _tagging(model, train_ds, test_ds, features, probe_max_train, batch_size, tag_min_count, max_tags)
 
-    if out_dir is not None and n_examples > 0:
+    if out_dir is not None and n_examples > 0 and (first, second) == ("image", "text"):
         path = Path(out_dir) / "retrieval_examples.png"
-        _retrieval_examples(path, test_ds, texts, txt_to_img, txt_emb, img_emb, n_examples, chunk_size)
+        _retrieval_examples(path, test_ds, texts, b_to_a, b_emb, a_emb, n_examples, chunk_size)
     return results

@@ -121,14 +121,14 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, show_progress:
         tokenizer = prepare_tokenizer(cfg, train_ds, out)  # loads rank 0's
     tag_names = prepare_views(cfg, datasets, out, main)
     model = build_model(cfg.model, cfg.data.image_size, tokenizer.vocab_size, cfg.loss, tag_names).to(device)
-    warm_cache = getattr(model.text_encoder, "warm_cache", None)
+    warm_cache = getattr(getattr(model, "text_encoder", None), "warm_cache", None)
     if warm_cache is not None:  # a locked pretrained tower: embed every training caption once, up front
         t0 = time.perf_counter()
         n = warm_cache(tokenizer, train_ds.all_captions())
         if n and main:
             print(f"cached the locked text tower's outputs for {n} captions in {time.perf_counter() - t0:.0f} s")
     optimizer = build_optimizer(model, t)
-    objective = Objective(cfg.loss)
+    objective = Objective(cfg.loss, cfg.model.modalities)
     start, best = 0, math.inf
     if resume and last is not None:
         model.load_state_dict(load_weights(ckpt_dir, last))
@@ -182,7 +182,7 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, show_progress:
             for step in range(start + 1, t.max_steps + 1):
                 t0 = time.perf_counter()
                 rng_snapshot = rng_state()  # lets an interrupt mid-step still save an exact checkpoint
-                batch = to_model_inputs(next(batches), device)  # image (b, 3, H, W), text (b, L), text_mask (b, L)
+                batch = to_model_inputs(next(batches), device)  # e.g. image (b, 3, H, W), text (b, L), text_mask (b, L)
                 t_data = time.perf_counter() - t0
                 lr = lr_at(step - 1, t)
                 for group in optimizer.param_groups:
