@@ -94,6 +94,19 @@ def test_audio_encoder_tokens_ignore_padding():
         assert torch.allclose(pooled[1], enc(clips[1][None]).mean(1)[0], atol=1e-5)
 
 
+def test_audio_encoder_with_a_longer_hop_still_ignores_padding():
+    torch.manual_seed(0)
+    enc = AudioCNN(32, layers=2, n_mels=32, hop=320).eval()
+    clips = [torch.randn(6000) * 0.1, torch.randn(2500) * 0.1]
+    batch, mask = pad_audio(clips)
+    with torch.no_grad():
+        tokens, keep = enc(batch, mask), enc.token_mask(mask)
+        assert keep.sum(1).tolist() == [5, 2]  # 1 + (6000 - 512) // 320 = 18 frames → 9 → 5; 2500: 7 → 4 → 2
+        for b, clip in enumerate(clips):
+            n = int(keep[b].sum())
+            assert torch.allclose(tokens[b, :n], enc(clip[None])[0], atol=1e-5) and (tokens[b, n:] == 0).all()
+
+
 def test_augment_is_reproducible_and_each_op_acts():
     x = torch.from_numpy(_tone(500, 1.0))
     cfg = AudioAugment()

@@ -64,7 +64,15 @@ MCT_MOCO = ["data.augment.enabled=true", "data.tag_min_count=2", "loss.weights.i
             "model.moco.momentum=0.9"]
 
 
-@pytest.mark.parametrize("nproc,extra", [(1, []), (2, []), (1, MCT_MOCO)], ids=["1proc", "2proc", "mct-moco"])
+# the fusion model with every addition: momentum model, queues (with ids), α ramp and soft masks must resume
+ALBEF = ["loss.weights.clip=0", "loss.weights.itc=1", "loss.weights.itm=1", "loss.weights.mlm=1", "model.image.kind=vit",
+         "model.fusion.queue_size=64", "model.fusion.embed_dim=16", "model.fusion.fusion_layers=2",
+         "model.fusion.soft_mask=true", "model.fusion.focal_gamma=2", "model.fusion.text_mask_aug=true",
+         "model.fusion.alpha_ramp_steps=30", "eval.rerank_k=10"]
+
+
+@pytest.mark.parametrize("nproc,extra", [(1, []), (2, []), (1, MCT_MOCO), (1, ALBEF)],
+                         ids=["1proc", "2proc", "mct-moco", "albef"])
 def test_resume_after_sigkill_is_exact(tmp_path, tiny_overrides, nproc, extra):
     over = tiny_overrides + extra + ["train.max_steps=48", "train.checkpoint_every=10", "data.num_workers=1",
                                      "model.image.dropout=0.1", "model.text.dropout=0.1"]  # dropout: RNG state must resume

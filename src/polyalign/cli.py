@@ -191,6 +191,19 @@ def cmd_inspect_fdt(args) -> int:
     return 0
 
 
+def cmd_inspect_gradcam(args) -> int:
+    from .eval.inspect_gradcam import inspect_gradcam
+
+    out = inspect_gradcam(args.run_dir, args.out, n_pictures=args.pictures, max_items=args.items, split=args.split)
+    report = json.loads((out / "report.json").read_text())
+    if "pointing" in report:
+        p = report["pointing"]
+        print(f"pointing game: {p['accuracy']:.3f} of {p['trials']} colour/shape words peak on their object "
+              f"(chance {p['chance']:.3f})")
+    print(f"wrote {len(report['pictures'])} pictures and {out / 'report.html'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="polyalign", description="Multimodal contrastive representation learning.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -268,6 +281,14 @@ def build_parser() -> argparse.ArgumentParser:
     fd.add_argument("--tokens", type=int, default=8, help="most used tokens shown")
     fd.add_argument("--split", default="test")
     fd.set_defaults(func=cmd_inspect_fdt)
+    gc = ins_sub.add_parser("gradcam", help="fusion runs: per-word Grad-CAM heat maps over sample images "
+                                           "(+ a pointing-game score on shapes)")
+    gc.add_argument("run_dir")
+    gc.add_argument("--out", default=None, help="report folder (default RUN_DIR/inspect-gradcam)")
+    gc.add_argument("--pictures", type=int, default=8)
+    gc.add_argument("--items", type=int, default=500, help="test items scored by the pointing game")
+    gc.add_argument("--split", default="test")
+    gc.set_defaults(func=cmd_inspect_gradcam)
     d = sub.add_parser("demo", help="train and evaluate the default recipe on the embedded shapes data")
     d.add_argument("overrides", nargs="*", help="dotted overrides")
     d.add_argument("--out", default="runs/demo")

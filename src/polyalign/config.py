@@ -12,6 +12,7 @@ from pathlib import Path
 
 import yaml
 
+from .albef import FusionConfig, check_fusion_config
 from .data.augment import AugmentConfig, check_augment_config
 from .errors import ConfigError
 
@@ -81,6 +82,7 @@ class AudioEncoderConfig:
     width: int = 128
     layers: int = 3
     n_mels: int = 64
+    hop: int = 160  # log-mel hop in samples at 16 kHz (10 ms); 320 halves the encoder's cost
 
 
 @dataclass
@@ -126,12 +128,16 @@ class ModelConfig:
     intra_dim: int = 128  # output of the MLP heads of the intra-modal (view–view) objectives
     moco: MocoConfig = field(default_factory=MocoConfig)
     fdt: FdtConfig = field(default_factory=FdtConfig)
+    # ALBEF-style fusion model (soft masks, focal ITC), built instead of the dual encoder when any of the loss
+    # terms itc, itm, mlm is on; those weights come from loss.weights (model.fusion.*_weight are ignored)
+    fusion: FusionConfig = field(default_factory=FusionConfig)
 
 
 @dataclass
 class LossConfig:
     # terms: clip (image↔text InfoNCE), image_image (views; see image_image), text_text (caption views), tags (BCE),
-    # fdt (image↔text InfoNCE on the FDT embeddings; alone = the paper's CLIP+FDT, with clip = both embeddings)
+    # fdt (image↔text InfoNCE on the FDT embeddings; alone = the paper's CLIP+FDT, with clip = both embeddings),
+    # itc / itm / mlm (the fusion model: contrastive, image–text matching, masked language modelling; see model.fusion)
     weights: dict[str, float] = field(default_factory=lambda: {"clip": 1.0})
     contrastive: str = "dense"  # dense | tiled (never holds the B×B logits: for large batches)
     tile: int = 256  # rows per tile of the tiled loss at most (fewer for very large batches: a tile stays ≤ 16 MiB)
@@ -174,6 +180,7 @@ class EvalConfig:
     chunk_size: int = 8192
     precision: str = "fp32"  # fp32 | bf16: precision of the retrieval similarity products (bf16: faster, near-ties may reorder)
     n_examples: int = 5
+    rerank_k: int = 16  # fusion models: ITC top-k candidates re-ranked by the ITM score (retrieval_itm/*); 0 = off
 
 
 @dataclass
@@ -208,7 +215,8 @@ DATA_MODALITIES = {  # what each data.name provides per item
     "shapes": ("image", "text"), "manifest": ("image", "text"), "shapes_audio": ("audio", "text"),
     "speech": ("audio", "text"), "shapes3d": ("points", "image", "text"),
 }
-IMAGE_TEXT_TERMS = ("image_image", "text_text", "tags", "fdt")  # loss terms that exist for image–text models only
+FUSION_TERMS = ("itc", "itm", "mlm")  # loss terms of the fusion model (model.fusion), image–text only
+IMAGE_TEXT_TERMS = ("image_image", "text_text", "tags", "fdt") + FUSION_TERMS  # loss terms that exist for image–text models only
 
 
 def _fields(obj) -> dict[str, dataclasses.Field]:
@@ -376,8 +384,38 @@ def validate(cfg: Config) -> None:
     if cfg.data.name in ("manifest", "speech") and not cfg.data.train_manifest:
         raise ConfigError(f"data.name={cfg.data.name} needs data.train_manifest (a JSONL or CSV file)")
     _check_modalities(cfg)
+    _check_fusion(cfg)
+    if cfg.eval.rerank_k and cfg.eval.rerank_k < 10:
+        raise ConfigError(f"eval.rerank_k must be 0 (off) or >= 10 (R@10 is reported), got {cfg.eval.rerank_k}")
     if not 0.0 <= cfg.data.max_bad_fraction <= 1.0:
         raise ConfigError("config key 'data.max_bad_fraction' must lie in [0, 1]")
+
+
+def _check_fusion(cfg: Config) -> None:
+    """The fusion terms (itc, itm, mlm) build a different model: they cannot be mixed with the dual encoder's."""
+    terms = cfg.loss.active()
+    fusion = terms & set(FUSION_TERMS)
+    if not fusion:
+        return
+    other = sorted(terms - set(FUSION_TERMS))
+    if other:
+        raise ConfigError(f"loss terms {', '.join(sorted(fusion))} train the fusion model; {', '.join(other)} belong to "
+                          f"the dual encoder: set loss.weights.{other[0]}=0 (the fusion model's own contrastive term is itc)")
+    if cfg.train.grad_cache_chunk:
+        raise ConfigError("train.grad_cache_chunk is not supported by the fusion model (ITM and MLM pair samples "
+                          "across the batch); set it to 0")
+    text = cfg.model.text
+    if text.kind == "hf" and text.lock and text.cache and ("mlm" in fusion or cfg.model.fusion.text_mask_aug):
+        raise ConfigError("a cached locked text tower sees every masked caption as new (the cache would grow without "
+                          "bound): set model.text.cache=false for mlm or model.fusion.text_mask_aug")
+    check_fusion_config(fusion_settings(cfg.model, cfg.loss), prefix="model.fusion")
+
+
+def fusion_settings(model: ModelConfig, loss: LossConfig) -> FusionConfig:
+    """``model.fusion`` with its loss weights taken from ``loss.weights`` (the one place they are set)."""
+    w = loss.weights
+    return dataclasses.replace(model.fusion, itc_weight=float(w.get("itc", 0)), itm_weight=float(w.get("itm", 0)),
+                               mlm_weight=float(w.get("mlm", 0)))
 
 
 def _check_modalities(cfg: Config) -> None:

@@ -6,7 +6,8 @@ import math
 import torch
 from torch import nn
 
-from .config import FdtConfig, LossConfig, ModelConfig
+from .albef import build_fusion_model
+from .config import FUSION_TERMS, FdtConfig, LossConfig, ModelConfig, fusion_settings
 from .encoders.audio import AudioCNN
 from .encoders.image import ConvNet, ViT
 from .encoders.points import PointNet
@@ -225,7 +226,7 @@ def build_encoder(cfg: ModelConfig, modality: str, image_size: int, vocab_size: 
             return HFTextEncoder(tc.hf_path, tc.lock, tc.cache)
         return TextTransformer(vocab_size, tc.context_length, tc.width, tc.layers, tc.heads, tc.mlp_ratio, tc.dropout)
     if modality == "audio":
-        return AudioCNN(cfg.audio.width, cfg.audio.layers, n_mels=cfg.audio.n_mels)
+        return AudioCNN(cfg.audio.width, cfg.audio.layers, n_mels=cfg.audio.n_mels, hop=cfg.audio.hop)
     if modality == "points":
         pc = cfg.points
         return PointNet(pc.width, pc.groups, pc.k, pc.hidden)
@@ -233,15 +234,23 @@ def build_encoder(cfg: ModelConfig, modality: str, image_size: int, vocab_size: 
 
 
 def build_model(cfg: ModelConfig, image_size: int, vocab_size: int, loss: LossConfig | None = None,
-                tag_names: list[str] = ()) -> ContrastiveModel:
+                tag_names: list[str] = (), special_ids: dict[str, int] | None = None) -> nn.Module:
     """Encoders (of ``cfg.modalities``) and heads from the config; the heads of the intra-modal and FDT terms with
-    nonzero weight in ``loss`` are added (tags need the training data's ``tag_names``)."""
+    nonzero weight in ``loss`` are added (tags need the training data's ``tag_names``). The fusion terms (itc, itm,
+    mlm) build the ALBEF-style ``FusionModel`` instead, on the same encoders (``special_ids``: the tokenizer's
+    ``{"[MASK]": id, ...}``, for MLM)."""
+    terms = loss.active() if loss else set()
+    if terms & set(FUSION_TERMS):
+        if special_ids is None:
+            raise ConfigError("the fusion model needs the tokenizer's special token ids (build_model(special_ids=...))")
+        return build_fusion_model(build_encoder(cfg, "image", image_size, vocab_size),
+                                  build_encoder(cfg, "text", image_size, vocab_size), fusion_settings(cfg, loss),
+                                  vocab_size, special_ids)
     first, second = cfg.modalities
     pools = [getattr(cfg, m).pool for m in cfg.modalities]
     model = ContrastiveModel(build_encoder(cfg, first, image_size, vocab_size),
                              build_encoder(cfg, second, image_size, vocab_size), cfg.embed_dim,
                              cfg.init_temperature, cfg.max_logit_scale, *pools, modalities=cfg.modalities)
-    terms = loss.active() if loss else set()
     if terms - {"clip"} or (loss and "clip" not in terms):
         model.add_intra_modal(terms, cfg.intra_dim, loss.image_image, cfg.moco.queue_size, cfg.moco.momentum, tag_names)
     if "fdt" in terms:

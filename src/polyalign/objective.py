@@ -14,6 +14,7 @@ from .config import LossConfig
 from .errors import ConfigError
 from .losses.contrastive import info_nce, local_info_nce
 from .losses.intra import local_nt_xent, moco_info_nce, nt_xent, tag_bce
+from .losses.albef import itc_term, itm_term, mlm_term
 from .losses.tiled import tiled_info_nce
 
 
@@ -70,6 +71,9 @@ TERMS = {  # name → f(model output dict, loss config) -> scalar
     "text_text": text_text_term,
     "tags": tags_term,
     "fdt": fdt_term,
+    "itc": itc_term,  # the fusion model's terms (polyalign.albef)
+    "itm": itm_term,
+    "mlm": mlm_term,
 }
 
 

@@ -11,6 +11,7 @@ from .data.base import ImageTextDataset, Views
 from .data.tags import tag_vocabulary
 from .encoders.text import resolve_hf_path
 from .errors import ConfigError, PolyalignError
+from .albef import special_ids_of
 from .model import ContrastiveModel, build_model
 from .tokenizer import Tokenizer
 from .train.checkpoint import find_checkpoint, load_weights
@@ -67,7 +68,8 @@ def load_run(run_dir: Path, which: str = "latest", overrides: list[str] = ()) ->
     tok = Tokenizer.load(run_dir / "tokenizer.json", cfg.model.text.context_length)
     tags = run_dir / "tags.json"
     tag_names = json.loads(tags.read_text()) if tags.exists() else []
-    model = build_model(cfg.model, cfg.data.image_size, tok.vocab_size, cfg.loss, tag_names)
+    model = build_model(cfg.model, cfg.data.image_size, tok.vocab_size, cfg.loss, tag_names,
+                        special_ids_of(tok))
     model.load_state_dict(load_weights(run_dir / "checkpoints", step))
     return cfg, model.eval(), tok
 
@@ -82,12 +84,17 @@ def evaluate_run(cfg: Config, model: torch.nn.Module, tok: Tokenizer, datasets: 
         return {}
     e = cfg.eval
     with torch.random.fork_rng():  # evaluation must not move the training RNG (exact resume)
-        return evaluate(model, tok, datasets["train"], test, batch_size=e.batch_size,
-                        zeroshot_fields=e.zeroshot_fields or None, templates=e.templates or None,
-                        probe_field=e.probe_field or None, probe_max_train=e.probe_max_train,
-                        max_captions=e.max_captions, chunk_size=e.chunk_size, precision=e.precision, out_dir=run_dir,
-                        n_examples=e.n_examples, tag_min_count=cfg.data.tag_min_count, max_tags=cfg.data.max_tags,
-                        modalities=cfg.model.modalities)
+        metrics = evaluate(model, tok, datasets["train"], test, batch_size=e.batch_size,
+                           zeroshot_fields=e.zeroshot_fields or None, templates=e.templates or None,
+                           probe_field=e.probe_field or None, probe_max_train=e.probe_max_train,
+                           max_captions=e.max_captions, chunk_size=e.chunk_size, precision=e.precision, out_dir=run_dir,
+                           n_examples=e.n_examples, tag_min_count=cfg.data.tag_min_count, max_tags=cfg.data.max_tags,
+                           modalities=cfg.model.modalities)
+        if e.rerank_k and hasattr(model, "match_logits"):  # fusion model: ITC top-k re-ranked by ITM, as ALBEF does
+            from .eval.rerank import evaluate_rerank
+
+            metrics |= evaluate_rerank(model, tok, test, k=e.rerank_k, max_captions=e.max_captions)
+    return metrics
 
 
 def write_metrics(run_dir: Path, metrics: dict) -> None:

@@ -83,15 +83,16 @@ class AudioCNN(nn.Module):
     x + norm(conv(x)), GELU) → the mel axis flattened and projected → tokens (B, ⌈F / 2^layers⌉, width).
 
     ``forward(audio (B, T), mask (B, T) | None)``; ``mask`` marks real samples (left-aligned), None = all real.
-    About 10 ms per token at the default hop, times 2^layers.
+    About ``hop`` samples (default 10 ms) per log-mel frame, times 2^layers per token; a larger hop makes the
+    encoder proportionally cheaper.
     """
 
     pool = "mean"
 
-    def __init__(self, width: int, layers: int = 3, sample_rate: int = 16000, n_mels: int = 64, **_):
+    def __init__(self, width: int, layers: int = 3, sample_rate: int = 16000, n_mels: int = 64, hop: int = 160, **_):
         super().__init__()
         self.width, self.layers = width, layers
-        self.logmel = LogMel(sample_rate, n_mels=n_mels)
+        self.logmel = LogMel(sample_rate, hop=hop, n_mels=n_mels)
         chans = [1] + [max(width // 2 ** (layers - i), 16) for i in range(layers)]
         self.stages = nn.ModuleList()
         for cin, cout in zip(chans[:-1], chans[1:]):

@@ -17,6 +17,7 @@ from ..data.build import build_datasets
 from ..data.loader import Collator, make_loader
 from .. import distributed as dist
 from ..errors import Interrupted, PolyalignError, TrainingError
+from ..albef import special_ids_of
 from ..model import build_model
 from ..objective import Objective
 from ..runs import evaluate_run, prepare_tokenizer, prepare_views, write_metrics
@@ -120,7 +121,8 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, show_progress:
     if not main:
         tokenizer = prepare_tokenizer(cfg, train_ds, out)  # loads rank 0's
     tag_names = prepare_views(cfg, datasets, out, main)
-    model = build_model(cfg.model, cfg.data.image_size, tokenizer.vocab_size, cfg.loss, tag_names).to(device)
+    model = build_model(cfg.model, cfg.data.image_size, tokenizer.vocab_size, cfg.loss, tag_names,
+                        special_ids_of(tokenizer)).to(device)
     warm_cache = getattr(getattr(model, "text_encoder", None), "warm_cache", None)
     if warm_cache is not None:  # a locked pretrained tower: embed every training caption once, up front
         t0 = time.perf_counter()
