@@ -115,7 +115,7 @@ def _plot_tokens(path: Path, model, ds, eval_idx, wi, tokens, words, n_images: i
         for ax, img, h, j in zip(axes[r, 1:], images, heat, top):
             ax.imshow(img.permute(1, 2, 0).numpy())
             ax.imshow(h.numpy(), cmap="jet", alpha=0.45, vmin=0, vmax=1)
-            ax.set_title(f"w={float(wi[j, c]):.2f}", fontsize=8)
+            ax.set_title(f"w={float(wi[j, c]):.2g}", fontsize=8)
             ax.axis("off")
     fig.savefig(path, dpi=90)
     return rows
