@@ -1,0 +1,159 @@
+#!/usr/bin/env bash
+# C-MCR experiments of docs/cmcr.md, end to end from built data:
+#   polyalign data emoji --out data/emoji --styles google,twitter      # once (the emoji part needs it)
+#   bash experiments/cmcr.sh [emoji|shapes|3d ...]                     # default: all three
+# Each part trains its two contrastive spaces (one seed), exports their embeddings with `polyalign embed`,
+# and runs `polyalign connect` for the full method, the ablations, Ex-MCR and the paired upper bound, each with
+# seeds 0,1,2 (train.seed of the projectors). No (A, C) pair is used by any row except "paired".
+# Wall times go to $OUT/wall_times.tsv; tables: python experiments/cmcr_table.py $OUT/<part>/connect retrieval
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PA=${POLYALIGN:-polyalign}
+PY=${PYTHON:-python}
+OUT=${OUT:-runs/cmcr}
+SEEDS=${SEEDS:-"0 1 2"}
+mkdir -p "$OUT"
+
+timed() {  # timed NAME CMD...: run, append "NAME<TAB>seconds" to the wall-time log
+  local name=$1 t0
+  shift
+  t0=$(date +%s)
+  "$@"
+  printf '%s\t%s\n' "$name" "$(( $(date +%s) - t0 ))" >> "$OUT/wall_times.tsv"
+}
+
+train_once() {  # train_once NAME CONFIG DIR: train unless DIR already holds the finished run
+  [[ -f "$3/metrics.json" ]] || timed "train $1" "$PA" train "$2" --out "$3"
+}
+
+connect_once() {  # connect_once OUT_DIR CONFIG [overrides]: connect unless OUT_DIR already holds the finished run
+  local out=$1
+  shift
+  mkdir -p "$(dirname "$out")"
+  [[ -f "$out/metrics.json" ]] || timed "connect $out" "$PA" connect "$@" --out "$out" > "$out.log"
+}
+
+connect_rows() {  # connect_rows PART_DIR CONFIG [overrides shared by every row]
+  local dir=$1 cfg=$2
+  shift 2
+  for seed in $SEEDS; do
+    for row in full no_consistency no_noise no_intra exmcr; do
+      case $row in
+        full) extra=() ;;
+        no_consistency) extra=(method.semantic_consistency=false) ;;
+        no_noise) extra=(method.noise_var=0) ;;
+        no_intra) extra=(method.intra_weight=0) ;;
+        exmcr) extra=(method.mode=exmcr) ;;
+      esac
+      connect_once "$dir/connect/$row/seed-$seed" "$cfg" "$@" "${extra[@]}" train.seed="$seed"
+    done
+  done
+}
+
+emoji() {
+  local d=$OUT/emoji e=$OUT/emoji/emb sp=data/emoji-speech
+  mkdir -p "$e"
+  # data: two disjoint halves of the training concepts, spoken captions of half Y, spoken names of the test concepts
+  "$PY" experiments/cmcr_emoji_data.py split data/emoji
+  [[ -f $sp/cmcr_y_train/speech.jsonl ]] || timed "speech y_train" "$PA" data speech \
+    --manifest data/emoji/cmcr_y_train.jsonl --out $sp/cmcr_y_train --captions-per-item 5
+  [[ -f $sp/cmcr_test/speech.jsonl ]] || timed "speech test" "$PA" data speech \
+    --manifest data/emoji/cmcr_test.jsonl --out $sp/cmcr_test
+  "$PY" experiments/cmcr_emoji_data.py pairs $sp/cmcr_y_train data/emoji
+  # the two spaces: X image–text on half X, Y audio–text on half Y
+  train_once "emoji X (CLIP/LiT)" configs/cmcr/emoji-x-clip.yaml "$d/x"
+  train_once "emoji Y (CLAP)" configs/cmcr/emoji-y-clap.yaml "$d/y"
+  # embeddings: shared modality = text (every training caption of both halves, in both spaces), memories =
+  # half X's images (in X) and half Y's clips (in Y), test = pictures vs spoken names of the held-out concepts
+  "$PA" embed "$d/x" --modality text --manifest data/emoji/concept_train.jsonl --out "$e/text_x"
+  "$PA" embed "$d/y" --modality text --manifest data/emoji/concept_train.jsonl --out "$e/text_y"
+  "$PA" embed "$d/x" --modality image --manifest data/emoji/cmcr_x_train.jsonl --out "$e/memory_image_x"
+  "$PA" embed "$d/y" --modality audio --manifest $sp/cmcr_y_train/speech.jsonl --id-field audio --out "$e/memory_audio_y"
+  "$PA" embed "$d/x" --modality image --manifest data/emoji/cmcr_test.jsonl --id-field concept_id --out "$e/test_image_x"
+  "$PA" embed "$d/y" --modality audio --manifest $sp/cmcr_test/speech.jsonl --id-field concept_id --out "$e/test_audio_y"
+  # paired upper bound only: for every spoken caption of half Y (memory_audio_y, ids = clip paths), its picture
+  "$PA" embed "$d/x" --modality image --manifest data/emoji/cmcr_y_pairs.jsonl --id-field clip --out "$e/pair_image_x"
+  cat > "$d/connect.yaml" <<EOF
+# emoji: X = image–text (A = image, B = text), Y = audio–text (C = audio); audio → image through text
+inputs: {b_x: emb/text_x.npy, b_y: emb/text_y.npy, memory_a: emb/memory_image_x.npy, memory_c: emb/memory_audio_y.npy}
+eval: {a_test: emb/test_image_x.npy, c_test: emb/test_audio_y.npy}
+method: {projector: mlp}
+train: {batch_size: 512, epochs: 50, log_every: 200, threads: 1}
+EOF
+  connect_rows "$d" "$d/connect.yaml"
+  for seed in $SEEDS; do  # upper bound: the native InfoNCE on 6,018 real (picture, spoken caption) pairs
+    connect_once "$d/connect/paired/seed-$seed" "$d/connect.yaml" inputs.b_x="$e/pair_image_x.npy" \
+      inputs.b_y="$e/memory_audio_y.npy" inputs.memory_a="$e/pair_image_x.npy" \
+      inputs.memory_c="$e/memory_audio_y.npy" train.seed="$seed"
+  done
+  "$PY" experiments/cmcr_table.py "$d/connect" retrieval | tee "$d/table.md"
+}
+
+shapes() {
+  local d=$OUT/shapes e=$OUT/shapes/emb
+  mkdir -p "$e"
+  train_once "shapes X (CLIP)" configs/cmcr/shapes-x-clip.yaml "$d/x"   # scenes of seed 0
+  train_once "shapes Y (CLAP)" configs/cmcr/shapes-y-clap.yaml "$d/y"   # sounds of other scenes (seed 1)
+  # shared modality = text: the captions of X's training scenes, in both spaces (Y reads them with data.seed=0)
+  "$PA" embed "$d/x" --modality text --split train --out "$e/text_x"
+  "$PA" embed "$d/y" data.seed=0 --modality text --split train --out "$e/text_y"
+  "$PA" embed "$d/x" --modality image --split train --out "$e/memory_image_x"
+  "$PA" embed "$d/y" --modality audio --split train --out "$e/memory_audio_y"
+  # test: pictures (X) and sounds (Y) of the same 1,000 test scenes (seed 0), paired by index
+  "$PA" embed "$d/x" --modality image --split test --out "$e/test_image_x"
+  "$PA" embed "$d/y" data.seed=0 --modality audio --split test --out "$e/test_audio_y"
+  # paired upper bound only: pictures (X) and sounds (Y) of Y's training scenes (seed 1)
+  "$PA" embed "$d/x" data.seed=1 --modality image --split train --out "$e/pair_image_x"
+  cat > "$d/connect.yaml" <<EOF
+# shapes: X = image–text (A = image, B = text), Y = audio–text (C = audio); audio → image through text
+inputs: {b_x: emb/text_x.npy, b_y: emb/text_y.npy, memory_a: emb/memory_image_x.npy, memory_c: emb/memory_audio_y.npy}
+eval: {a_test: emb/test_image_x.npy, c_test: emb/test_audio_y.npy}
+method: {projector: mlp}
+train: {batch_size: 1024, epochs: 15, log_every: 200, threads: 1}
+EOF
+  connect_rows "$d" "$d/connect.yaml"
+  for seed in $SEEDS; do  # upper bound: the native InfoNCE on 10,000 real (picture, sound) pairs of Y's scenes
+    connect_once "$d/connect/paired/seed-$seed" "$d/connect.yaml" inputs.b_x="$e/pair_image_x.npy" \
+      inputs.b_y="$e/memory_audio_y.npy" inputs.memory_a="$e/pair_image_x.npy" \
+      inputs.memory_c="$e/memory_audio_y.npy" train.seed="$seed"
+  done
+  "$PY" experiments/cmcr_table.py "$d/connect" retrieval | tee "$d/table.md"
+}
+
+three_d() {
+  local d=$OUT/3d e=$OUT/3d/emb
+  mkdir -p "$e"
+  train_once "3D X (CLIP)" configs/cmcr/3d-x-clip.yaml "$d/x"    # renders + captions of objects of seed 0
+  train_once "3D Y (ULIP)" configs/cmcr/3d-y-ulip.yaml "$d/y"    # point clouds + renders of other objects (seed 1)
+  # shared modality = images: the renders of X's training objects, in both spaces (Y reads them with data.seed=0)
+  "$PA" embed "$d/x" --modality image --split train --out "$e/image_x"
+  "$PA" embed "$d/y" data.seed=0 --modality image --split train --out "$e/image_y"
+  "$PA" embed "$d/x" --modality text --split train --out "$e/memory_text_x"
+  "$PA" embed "$d/y" --modality points --split train --out "$e/memory_points_y"
+  # test: zero-shot classes from X's text prompts; Y's held-out point clouds
+  "$PA" embed "$d/x" --modality text --classes shape --split test --out "$e/classes_x"
+  "$PA" embed "$d/y" --modality points --split test --label-field shape --out "$e/test_points_y"
+  cat > "$d/connect.yaml" <<EOF
+# 3D: X = image–text (A = text, B = image), Y = points–image (C = points); zero-shot 3D classification through images
+inputs: {b_x: emb/image_x.npy, b_y: emb/image_y.npy, memory_a: emb/memory_text_x.npy, memory_c: emb/memory_points_y.npy}
+eval: {classes: emb/classes_x.npy, classes_space: x, items: emb/test_points_y.npy, labels: emb/test_points_y.labels.txt}
+method: {projector: linear}
+train: {batch_size: 1000, epochs: 50, log_every: 100, threads: 1}
+EOF
+  connect_rows "$d" "$d/connect.yaml"
+  # upper bound with real (text, 3D) pairs: a point cloud–text model trained end to end, zero-shot from prompts
+  [[ -f "$d/pointclip/summary.json" ]] || timed "3D paired point–text sweep" "$PA" sweep \
+    configs/shapes3d-pointclip.yaml data.seed=1 train.threads=1 --seeds "$(echo $SEEDS | tr ' ' ,)" --out "$d/pointclip"
+  "$PY" experiments/cmcr_table.py "$d/connect" classify | tee "$d/table.md"
+}
+
+for part in "${@:-emoji shapes 3d}"; do
+  for p in $part; do
+    case $p in
+      emoji) emoji ;;
+      shapes) shapes ;;
+      3d) three_d ;;
+      *) echo "unknown part $p (emoji | shapes | 3d)" >&2; exit 2 ;;
+    esac
+  done
+done

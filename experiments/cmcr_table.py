@@ -1,0 +1,47 @@
+"""Markdown tables of C-MCR connect runs: mean ± sample std over seeds of ROOT/<row>/seed-<s>/metrics.json.
+
+    python experiments/cmcr_table.py ROOT retrieval   # audio → image (C → A) R@1/5/10, plus A → C
+    python experiments/cmcr_table.py ROOT classify    # zero-shot classification accuracy
+
+Rows: chance and pivot (read from the full runs: they do not depend on the projectors), then every row directory.
+"""
+import json
+import statistics
+import sys
+from pathlib import Path
+
+ORDER = ["full", "no_consistency", "no_noise", "no_intra", "exmcr", "paired"]
+NAMES = {"full": "C-MCR (full)", "no_consistency": "− semantic consistency (random memory pseudo pairs)",
+         "no_noise": "− noise (σ² = 0)", "no_intra": "− intra alignment (λ = 0)", "exmcr": "Ex-MCR mode (X fixed)",
+         "paired": "paired upper bound (real pairs)"}
+METRICS = {"retrieval": ["c2a_R@1", "c2a_R@5", "c2a_R@10", "a2c_R@1", "a2c_R@5", "a2c_R@10"],
+           "classify": ["classify_acc"]}
+
+
+def fmt(values: list[float]) -> str:
+    """Mean ± sample std; one value, or the same value for every seed (chance, pivot), alone."""
+    if len(values) == 1 or max(values) == min(values):
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def main(root: Path, kind: str) -> None:
+    keys = METRICS[kind]
+    runs = {d.name: [json.loads(s.joinpath("metrics.json").read_text()) for s in sorted(d.glob("seed-*"))
+                     if s.joinpath("metrics.json").exists()] for d in root.iterdir() if d.is_dir()}
+    rows = [r for r in ORDER if runs.get(r)] + sorted(r for r in runs if r not in ORDER and runs[r])
+    print("| row | seeds | " + " | ".join(keys) + " | train s |")
+    print("|---|---|" + "---|" * len(keys) + "---|")
+    full = runs.get("full") or []
+    for prefix, name in (("chance", "chance"), ("pivot", "pivot (nearest shared item)")):
+        if full and all(f"{prefix}/{k}" in full[0] for k in keys):
+            print(f"| {name} | {len(full)} | " + " | ".join(fmt([m[f'{prefix}/{k}'] for m in full]) for k in keys)
+                  + " | – |")
+    for r in rows:
+        ms = runs[r]
+        print(f"| {NAMES.get(r, r)} | {len(ms)} | " + " | ".join(fmt([m[f'connected/{k}'] for m in ms]) for k in keys)
+              + f" | {statistics.mean(m['train/seconds'] for m in ms):.0f} |")
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), sys.argv[2])
