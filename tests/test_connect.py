@@ -9,9 +9,10 @@ import yaml
 
 from polyalign.cli import main
 from polyalign.config import CHOICES, flat_items, parse_override, set_key
-from polyalign.connect import (ConnectConfig, ConnectData, ConnectedSpaces, Embeddings, RetrievalSet, _chance_recalls,
-                               connect, evaluate, join_by_id, load_connect_config, pseudo_pairs, read_embeddings,
+from polyalign.connect import (ConnectConfig, ConnectData, ConnectedSpaces, connect, load_connect_config, pseudo_pairs,
                                train_connection)
+from polyalign.data.embeddings import Embeddings, join_by_id, read_embeddings
+from polyalign.eval.connected import RetrievalSet, _chance_recalls, evaluate
 from polyalign.errors import ConfigError, DataError
 from polyalign.losses.cmcr import add_noise, cmcr_loss, intra_alignment, soft_retrieve
 

@@ -327,18 +327,25 @@ def parse_override(text: str) -> tuple[str, object]:
     return key.strip(), value
 
 
-def _apply_file(cfg: Config, path: Path, chain: list[Path]) -> None:
-    """Set the keys of a YAML recipe; a top-level ``base: other.yaml`` (relative to the file) is applied first."""
+def read_yaml_mapping(path: Path, what: str = "") -> dict:
+    """The top-level mapping of a YAML config file, or a ``ConfigError`` (missing, invalid YAML, not a mapping);
+    ``what`` adds context to the not-found message."""
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path}" + (f" (the base of {chain[-1]})" if chain else ""))
-    if path.resolve() in chain:
-        raise ConfigError(f"config file {path} is its own base (cycle: {' -> '.join(map(str, chain + [path]))})")
+        raise ConfigError(f"config file not found: {path}" + (f" ({what})" if what else ""))
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    return data
+
+
+def _apply_file(cfg: Config, path: Path, chain: list[Path]) -> None:
+    """Set the keys of a YAML recipe; a top-level ``base: other.yaml`` (relative to the file) is applied first."""
+    if path.resolve() in chain:
+        raise ConfigError(f"config file {path} is its own base (cycle: {' -> '.join(map(str, chain + [path]))})")
+    data = read_yaml_mapping(path, f"the base of {chain[-1]}" if chain else "")
     base = data.pop("base", None)
     if base is not None:
         _apply_file(cfg, path.parent / str(base), chain + [path.resolve()])

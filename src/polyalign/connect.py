@@ -10,12 +10,9 @@ although no (A, C) pair is ever seen::
     files/tensors ─► pseudo pairs (once, clean) ─► noise + projectors + loss (per step) ─► ConnectedSpaces
                                                                                          └─► evaluate ─► metrics.json
 
-Embedding files (one matrix of N rows each):
-  ``NAME.npy``          float array (N, D); ids, where needed, in ``NAME.ids.txt`` (one per line) or
-                        ``NAME.ids.json`` (a JSON list)
-  ``NAME.safetensors``  tensor ``embeddings`` (N, D), optionally an integer tensor ``ids`` (N,); else the ids file
-B files are joined by id (by row when neither has ids). Rows are L2-normalised on load (a note says so when they
-were not). Evaluation labels: ``NAME.txt`` (one class name per line) or ``NAME.json`` (a list), aligned with the items.
+Embedding files (``.npy`` + ids file, or ``.safetensors``): see ``polyalign.data.embeddings``. B files are joined
+by id (by row when neither has ids). Evaluation (``polyalign.eval.connected``) labels: ``NAME.txt`` (one class name
+per line) or ``NAME.json`` (a list), aligned with the items.
 
 A config for ``polyalign connect CONFIG.yaml [key=value ...] --out DIR`` (paths relative to the YAML file)::
 
@@ -32,22 +29,20 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
-import numpy as np
 import torch
 import yaml
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .config import parse_override, set_key, to_dict
+from .config import parse_override, read_yaml_mapping, set_key, to_dict
 from .errors import ConfigError, DataError, TrainingError
-from .eval.retrieval import retrieval_metrics, topk_chunked
+from .data.embeddings import Log, check_embeddings, join_by_id, read_embeddings
+from .eval.connected import check_eval_dims, evaluate, load_eval_sets
 from .heads.cmcr import PROJECTOR_KINDS, CMCRProjector, FixedSpace, ResidualProjector
 from .losses.cmcr import add_noise, cmcr_loss, soft_retrieve
-from .train.checkpoint import _atomic_write
+from .train.checkpoint import atomic_write
 
-Log = Callable[[str], None]
 
 
 # ── configuration ────────────────────────────────────────────────────────────────────────────────────────────
@@ -127,15 +122,7 @@ def load_connect_config(path: str | Path | None = None, overrides: list[str] = (
     cfg = ConnectConfig()
     if path is not None:
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {path} must hold a mapping at the top level")
-        for key, value in data.items():
+        for key, value in read_yaml_mapping(path).items():
             set_key(cfg, str(key), value)
         for key in PATH_KEYS:
             if _get(cfg, key):
@@ -171,111 +158,6 @@ def validate_connect(cfg: ConnectConfig) -> None:
 
 
 # ── inputs ───────────────────────────────────────────────────────────────────────────────────────────────────
-@dataclass
-class Embeddings:
-    """One embedding matrix (N, D), float32 and L2-normalised, with its row ids (None: rows have no ids)."""
-
-    vectors: torch.Tensor
-    ids: list[str] | None = None
-    name: str = "embeddings"
-
-
-def _sibling_ids(path: Path) -> list[str] | None:
-    stem = path.with_suffix("")
-    if (p := stem.with_name(stem.name + ".ids.txt")).is_file():
-        return [line.strip() for line in p.read_text().splitlines() if line.strip()]
-    if (p := stem.with_name(stem.name + ".ids.json")).is_file():
-        return [str(x) for x in json.loads(p.read_text())]
-    return None
-
-
-def check_embeddings(x, name: str, log: Log = print) -> torch.Tensor:
-    """(N, D) float32 rows, checked (2-D, non-empty, finite, non-zero) and L2-normalised (noted if they were not)."""
-    x = torch.as_tensor(x)
-    if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] == 0:
-        raise DataError(f"{name}: expected a non-empty (N, D) matrix, got shape {tuple(x.shape)}")
-    if not (x.is_floating_point() or x.dtype in (torch.int32, torch.int64)):
-        raise DataError(f"{name}: expected float embeddings, got dtype {x.dtype}")
-    x = x.detach().float().cpu()
-    bad = ~torch.isfinite(x).all(dim=1)
-    if bad.any():
-        raise DataError(f"{name}: {int(bad.sum())} of {x.shape[0]} rows hold NaN or inf "
-                        f"(first: row {int(bad.nonzero()[0])})")
-    norms = x.norm(dim=1)
-    if (norms == 0).any():
-        raise DataError(f"{name}: {int((norms == 0).sum())} rows are all zeros "
-                        f"(first: row {int((norms == 0).nonzero()[0])})")
-    if (norms - 1).abs().max() > 1e-3:
-        log(f"{name}: rows were not L2-normalised (norms {norms.min():.3g}–{norms.max():.3g}); normalised them")
-    return x / norms[:, None]
-
-
-def read_embeddings(path: str | Path, name: str, log: Log = print) -> Embeddings:
-    """Read a ``.npy`` or ``.safetensors`` embedding file (see the module docstring) and check it."""
-    if not str(path):
-        raise ConfigError(f"{name} is not set: name a .npy or .safetensors embedding file")
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{name}: file not found: {path}")
-    ids = None
-    if path.suffix == ".npy":
-        try:
-            x = np.load(path, allow_pickle=False)
-        except ValueError as e:
-            raise DataError(f"{name}: {path} is not a numeric .npy array ({e})") from None
-    elif path.suffix == ".safetensors":
-        try:
-            tensors = load_file(str(path))
-        except Exception as e:  # safetensors raises its own error type for a damaged header
-            raise DataError(f"{name}: cannot read {path} as safetensors ({e})") from None
-        if "embeddings" not in tensors:
-            raise DataError(f"{name}: {path} has no tensor 'embeddings' (found: {', '.join(tensors) or 'none'})")
-        x = tensors["embeddings"]
-        if "ids" in tensors:
-            ids = [str(int(i)) for i in tensors["ids"].reshape(-1)]
-    else:
-        raise DataError(f"{name}: {path} is neither .npy nor .safetensors")
-    ids = ids if ids is not None else _sibling_ids(path)
-    vectors = check_embeddings(x, f"{name} ({path.name})", log)
-    if ids is not None and len(ids) != vectors.shape[0]:
-        raise DataError(f"{name}: {path.name} has {vectors.shape[0]} rows but {len(ids)} ids")
-    return Embeddings(vectors, ids, name)
-
-
-def _duplicates(ids: list[str]) -> list[str]:
-    seen, dup = set(), []
-    for i in ids:
-        (dup.append(i) if i in seen else seen.add(i))
-    return dup
-
-
-def join_by_id(x: Embeddings, y: Embeddings, partial: bool = False,
-               log: Log = print) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows of ``x`` and ``y`` that hold the same item, in ``x``'s order: (n, Dx), (n, Dy)."""
-    if x.ids is None and y.ids is None:
-        if x.vectors.shape[0] != y.vectors.shape[0]:
-            raise DataError(f"{x.name} has {x.vectors.shape[0]} rows and {y.name} {y.vectors.shape[0]}, and neither "
-                            "has ids to join them by (add NAME.ids.txt files)")
-        return x.vectors, y.vectors
-    for e, other in ((x, y), (y, x)):
-        if e.ids is None:
-            raise DataError(f"{other.name} has ids but {e.name} has none (add an ids file next to it)")
-        if dup := _duplicates(e.ids):
-            raise DataError(f"{e.name}: {len(dup)} duplicate ids, e.g. {dup[:3]}")
-    pos_y = {i: n for n, i in enumerate(y.ids)}
-    shared = [(n, pos_y[i]) for n, i in enumerate(x.ids) if i in pos_y]
-    if len(shared) != len(x.ids) or len(shared) != len(y.ids):
-        only_x = [i for i in x.ids if i not in pos_y]
-        only_y = sorted(set(y.ids) - set(x.ids))
-        msg = (f"{x.name} has {len(x.ids)} ids and {y.name} {len(y.ids)}; {len(shared)} shared, {len(only_x)} only in "
-               f"{x.name} (e.g. {only_x[:3]}), {len(only_y)} only in {y.name} (e.g. {only_y[:3]})")
-        if not partial or not shared:
-            raise DataError(msg + ("" if partial else "; set inputs.partial_join=true to train on the shared ids"))
-        log(f"joining on the shared ids only: {msg}")
-    ix, iy = (torch.tensor(v) for v in zip(*shared))
-    return x.vectors[ix], y.vectors[iy]
-
-
 @dataclass
 class ConnectData:
     """Training inputs: B in both spaces (row-aligned) and the memories of A (in X) and C (in Y)."""
@@ -375,9 +257,9 @@ class ConnectedSpaces(nn.Module):
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         weights = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        _atomic_write(out / "connector.safetensors", lambda p: save_file(weights, str(p)))
+        atomic_write(out / "connector.safetensors", lambda p: save_file(weights, str(p)))
         meta = {**self.info, "config": to_dict(config) if config is not None else None}
-        _atomic_write(out / "connector.json", lambda p: p.write_text(json.dumps(meta, indent=2)))
+        atomic_write(out / "connector.json", lambda p: p.write_text(json.dumps(meta, indent=2)))
 
     @classmethod
     def load(cls, out_dir: str | Path) -> ConnectedSpaces:
@@ -498,142 +380,6 @@ def connect(b_x, b_y, memory_a, memory_c, cfg: ConnectConfig | None = None, log:
     return train_connection(ConnectData.from_tensors(b_x, b_y, memory_a, memory_c, log), cfg, log)[0]
 
 
-# ── evaluation ───────────────────────────────────────────────────────────────────────────────────────────────
-@dataclass
-class RetrievalSet:
-    """Test pairs: A items (in X) and C items (in Y); ``c_to_a[j]`` is the A row paired with C row j."""
-
-    a: torch.Tensor  # (Na, Dx)
-    c: torch.Tensor  # (Nc, Dy)
-    c_to_a: torch.Tensor  # (Nc,) long
-
-
-@dataclass
-class ClassifySet:
-    """Items of one space to classify against class embeddings of the other space."""
-
-    classes: torch.Tensor  # (K, D of classes_space)
-    items: torch.Tensor  # (N, D of the other space)
-    labels: torch.Tensor  # (N,) long: the class row of each item
-    classes_space: str = "x"
-
-
-def _read_labels(path: str) -> list[str]:
-    p = Path(path)
-    if not p.is_file():
-        raise DataError(f"eval.labels: file not found: {p}")
-    if p.suffix == ".json":
-        return [str(x) for x in json.loads(p.read_text())]
-    return [line.strip() for line in p.read_text().splitlines() if line.strip()]
-
-
-def load_eval_sets(cfg: ConnectEval, log: Log = print) -> tuple[RetrievalSet | None, ClassifySet | None]:
-    """The evaluation files named in ``cfg`` (each part optional)."""
-    retrieval = classify = None
-    if cfg.a_test:
-        a, c = read_embeddings(cfg.a_test, "eval.a_test", log), read_embeddings(cfg.c_test, "eval.c_test", log)
-        if a.ids is None or c.ids is None:
-            if a.ids is not None or c.ids is not None or a.vectors.shape[0] != c.vectors.shape[0]:
-                raise DataError("eval.a_test and eval.c_test: give both files ids (pairs share an id), or neither "
-                                f"with the same row count ({a.vectors.shape[0]} vs {c.vectors.shape[0]})")
-            c_to_a = torch.arange(a.vectors.shape[0])
-        else:
-            if dup := _duplicates(a.ids):
-                raise DataError(f"eval.a_test: {len(dup)} duplicate ids, e.g. {dup[:3]} (each A item needs one id)")
-            pos = {i: n for n, i in enumerate(a.ids)}
-            missing = [i for i in c.ids if i not in pos]
-            if missing:
-                raise DataError(f"eval.c_test: {len(missing)} of {len(c.ids)} ids have no A item in eval.a_test, "
-                                f"e.g. {missing[:3]}")
-            c_to_a = torch.tensor([pos[i] for i in c.ids])
-        retrieval = RetrievalSet(a.vectors, c.vectors, c_to_a)
-    if cfg.classes:
-        classes = read_embeddings(cfg.classes, "eval.classes", log)
-        items = read_embeddings(cfg.items, "eval.items", log)
-        if classes.ids is None:
-            raise DataError("eval.classes needs ids: the class names (NAME.ids.txt next to it)")
-        labels, pos = _read_labels(cfg.labels), {name: k for k, name in enumerate(classes.ids)}
-        if len(labels) != items.vectors.shape[0]:
-            raise DataError(f"eval.labels has {len(labels)} labels for {items.vectors.shape[0]} items")
-        if unknown := sorted({lab for lab in labels if lab not in pos}):
-            raise DataError(f"eval.labels: {len(unknown)} class names not among eval.classes' ids, e.g. {unknown[:3]}")
-        classify = ClassifySet(classes.vectors, items.vectors, torch.tensor([pos[lab] for lab in labels]),
-                               cfg.classes_space)
-    return retrieval, classify
-
-
-def _check_eval_dims(dims: tuple[int, int], retrieval: RetrievalSet | None, classify: ClassifySet | None) -> None:
-    dx, dy = dims
-    dim = {"x": dx, "y": dy}
-    found = {}
-    if retrieval is not None:
-        found.update({"eval.a_test (X)": (retrieval.a.shape[1], dx), "eval.c_test (Y)": (retrieval.c.shape[1], dy)})
-    if classify is not None:
-        other = "y" if classify.classes_space == "x" else "x"
-        space = classify.classes_space
-        found.update({f"eval.classes ({space.upper()})": (classify.classes.shape[1], dim[space]),
-                      f"eval.items ({other.upper()})": (classify.items.shape[1], dim[other])})
-    bad = [f"{k} has dim {got}, its space {want}" for k, (got, want) in found.items() if got != want]
-    if bad:
-        raise DataError("evaluation dims do not match the training spaces: " + "; ".join(bad))
-
-
-def _pivot(queries: torch.Tensor, b_from: torch.Tensor, b_to: torch.Tensor, chunk: int) -> torch.Tensor:
-    """Pivot baseline: each query becomes the other-space embedding of its nearest B item in its own space."""
-    return b_to[topk_chunked(queries, b_from, 1, chunk)[1][:, 0]]
-
-
-def _recalls(a: torch.Tensor, c: torch.Tensor, c_to_a: torch.Tensor, chunk: int, ks=(1, 5, 10)) -> dict[str, float]:
-    r = retrieval_metrics(a, c, c_to_a, ks, chunk)  # "images" = A, "captions" = C
-    return {**{f"a2c_R@{k}": r[f"i2t_R@{k}"] for k in ks}, **{f"c2a_R@{k}": r[f"t2i_R@{k}"] for k in ks}}
-
-
-def _chance_recalls(c_to_a: torch.Tensor, n_a: int, ks=(1, 5, 10)) -> dict[str, float]:
-    """Expected recall@k of a random ranking: C→A has one positive among n_a; A→C has m positives among n_c."""
-    n_c, counts = c_to_a.shape[0], torch.bincount(c_to_a, minlength=n_a)
-    counts = counts[counts > 0].tolist()
-
-    def hit(n: int, m: int, k: int) -> float:  # P(at least one of m positives among the first k of n)
-        miss = 1.0
-        for j in range(min(k, n)):
-            miss *= max(0, n - m - j) / (n - j)
-        return 1 - miss
-
-    return {**{f"a2c_R@{k}": sum(hit(n_c, m, k) for m in counts) / len(counts) for k in ks},
-            **{f"c2a_R@{k}": min(k, n_a) / n_a for k in ks}}
-
-
-def evaluate(model: ConnectedSpaces, data: ConnectData | None = None, retrieval: RetrievalSet | None = None,
-             classify: ClassifySet | None = None, chunk_size: int = 8192) -> dict[str, float]:
-    """A↔C retrieval R@1/5/10 and classification accuracy of the connected model, the pivot baseline (through the
-    nearest B item of ``data``; left out without it) and chance, as ``connected/…``, ``pivot/…``, ``chance/…`` keys."""
-    _check_eval_dims((model.info["dim_x"], model.info["dim_y"]), retrieval, classify)
-    out = {}
-    if retrieval is not None:
-        r = retrieval
-        a_emb, c_emb = model.embed(r.a, "x"), model.embed(r.c, "y")
-        out.update({f"connected/{k}": v for k, v in _recalls(a_emb, c_emb, r.c_to_a, chunk_size).items()})
-        out.update({f"chance/{k}": v for k, v in _chance_recalls(r.c_to_a, r.a.shape[0]).items()})
-    if retrieval is not None and data is not None:
-        r = retrieval
-        a_in_y = _pivot(r.a, data.b_x, data.b_y, chunk_size)  # A → nearest B (X) → its Y embedding
-        c_in_x = _pivot(r.c, data.b_y, data.b_x, chunk_size)  # C → nearest B (Y) → its X embedding
-        pivot = {**{k: v for k, v in _recalls(a_in_y, r.c, r.c_to_a, chunk_size).items() if k.startswith("a2c")},
-                 **{k: v for k, v in _recalls(r.a, c_in_x, r.c_to_a, chunk_size).items() if k.startswith("c2a")}}
-        out.update({f"pivot/{k}": v for k, v in pivot.items()})
-    if classify is not None:
-        s = classify
-        other = "y" if s.classes_space == "x" else "x"
-        classes, items = model.embed(s.classes, s.classes_space), model.embed(s.items, other)
-        out["connected/classify_acc"] = (items @ classes.T).argmax(1).eq(s.labels).float().mean().item()
-        out["chance/classify_acc"] = 1.0 / s.classes.shape[0]
-        if data is not None:
-            b = {"x": data.b_x, "y": data.b_y}
-            items_there = _pivot(s.items, b[other], b[s.classes_space], chunk_size)  # item → nearest B → other space
-            out["pivot/classify_acc"] = (items_there @ s.classes.T).argmax(1).eq(s.labels).float().mean().item()
-    return out
-
-
 # ── the whole run ────────────────────────────────────────────────────────────────────────────────────────────
 def run_connect(cfg: ConnectConfig, out_dir: str | Path, log: Log = print) -> dict[str, float]:
     """Load the files, train, save the model to ``out_dir``, evaluate; writes metrics.json, log.jsonl, loss.png."""
@@ -647,7 +393,7 @@ def run_connect(cfg: ConnectConfig, out_dir: str | Path, log: Log = print) -> di
 
     data = load_inputs(cfg.inputs, note)
     retrieval, classify = load_eval_sets(cfg.eval, note)  # read before training: bad files fail early
-    _check_eval_dims(data.dims, retrieval, classify)
+    check_eval_dims(data.dims, retrieval, classify)
     (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     (out / "log.jsonl").unlink(missing_ok=True)
     t0 = time.time()
@@ -658,7 +404,7 @@ def run_connect(cfg: ConnectConfig, out_dir: str | Path, log: Log = print) -> di
     metrics.update({"train/seconds": seconds, "train/final_loss": rows[-1]["loss"] if rows else float("nan"),
                     "inputs/n_b": data.b_x.shape[0], "inputs/n_memory_a": data.memory_a.shape[0],
                     "inputs/n_memory_c": data.memory_c.shape[0]})
-    _atomic_write(out / "metrics.json", lambda p: p.write_text(json.dumps(metrics, indent=2, sort_keys=True)))
+    atomic_write(out / "metrics.json", lambda p: p.write_text(json.dumps(metrics, indent=2, sort_keys=True)))
     (out / "inputs.json").write_text(json.dumps({"notes": notes, "dims": list(data.dims)}, indent=2))
     if rows:
         from .train.curves import plot_curves

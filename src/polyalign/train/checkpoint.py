@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     write(tmp)
     with open(tmp, "rb+") as f:
@@ -44,11 +44,11 @@ def save_checkpoint(ckpt_dir: Path, step: int, model: torch.nn.Module, state: di
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     name = f"step-{step:06d}"
     weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    _atomic_write(ckpt_dir / f"{name}.safetensors", lambda p: save_file(weights, str(p)))
-    _atomic_write(ckpt_dir / f"{name}.state.pt", lambda p: torch.save(state, p))
+    atomic_write(ckpt_dir / f"{name}.safetensors", lambda p: save_file(weights, str(p)))
+    atomic_write(ckpt_dir / f"{name}.state.pt", lambda p: torch.save(state, p))
     pointer = json.dumps({"step": step})
     for which in ("latest", "best") if best else ("latest",):
-        _atomic_write(ckpt_dir / f"{which}.json", lambda p: p.write_text(pointer))
+        atomic_write(ckpt_dir / f"{which}.json", lambda p: p.write_text(pointer))
     _prune(ckpt_dir)
 
 

@@ -1,0 +1,151 @@
+"""Evaluation of connected spaces (C-MCR): A↔C retrieval and cross-space classification, with the pivot baseline
+(through the nearest shared-modality item) and chance, as ``connected/…``, ``pivot/…``, ``chance/…`` metrics."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from ..data.embeddings import Log, duplicates, read_embeddings
+from ..errors import DataError
+from .retrieval import retrieval_metrics, topk_chunked
+
+if TYPE_CHECKING:
+    from ..connect import ConnectData, ConnectedSpaces, ConnectEval
+
+@dataclass
+class RetrievalSet:
+    """Test pairs: A items (in X) and C items (in Y); ``c_to_a[j]`` is the A row paired with C row j."""
+
+    a: torch.Tensor  # (Na, Dx)
+    c: torch.Tensor  # (Nc, Dy)
+    c_to_a: torch.Tensor  # (Nc,) long
+
+
+@dataclass
+class ClassifySet:
+    """Items of one space to classify against class embeddings of the other space."""
+
+    classes: torch.Tensor  # (K, D of classes_space)
+    items: torch.Tensor  # (N, D of the other space)
+    labels: torch.Tensor  # (N,) long: the class row of each item
+    classes_space: str = "x"
+
+
+def _read_labels(path: str) -> list[str]:
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"eval.labels: file not found: {p}")
+    if p.suffix == ".json":
+        return [str(x) for x in json.loads(p.read_text())]
+    return [line.strip() for line in p.read_text().splitlines() if line.strip()]
+
+
+def load_eval_sets(cfg: ConnectEval, log: Log = print) -> tuple[RetrievalSet | None, ClassifySet | None]:
+    """The evaluation files named in ``cfg`` (each part optional)."""
+    retrieval = classify = None
+    if cfg.a_test:
+        a, c = read_embeddings(cfg.a_test, "eval.a_test", log), read_embeddings(cfg.c_test, "eval.c_test", log)
+        if a.ids is None or c.ids is None:
+            if a.ids is not None or c.ids is not None or a.vectors.shape[0] != c.vectors.shape[0]:
+                raise DataError("eval.a_test and eval.c_test: give both files ids (pairs share an id), or neither "
+                                f"with the same row count ({a.vectors.shape[0]} vs {c.vectors.shape[0]})")
+            c_to_a = torch.arange(a.vectors.shape[0])
+        else:
+            if dup := duplicates(a.ids):
+                raise DataError(f"eval.a_test: {len(dup)} duplicate ids, e.g. {dup[:3]} (each A item needs one id)")
+            pos = {i: n for n, i in enumerate(a.ids)}
+            missing = [i for i in c.ids if i not in pos]
+            if missing:
+                raise DataError(f"eval.c_test: {len(missing)} of {len(c.ids)} ids have no A item in eval.a_test, "
+                                f"e.g. {missing[:3]}")
+            c_to_a = torch.tensor([pos[i] for i in c.ids])
+        retrieval = RetrievalSet(a.vectors, c.vectors, c_to_a)
+    if cfg.classes:
+        classes = read_embeddings(cfg.classes, "eval.classes", log)
+        items = read_embeddings(cfg.items, "eval.items", log)
+        if classes.ids is None:
+            raise DataError("eval.classes needs ids: the class names (NAME.ids.txt next to it)")
+        labels, pos = _read_labels(cfg.labels), {name: k for k, name in enumerate(classes.ids)}
+        if len(labels) != items.vectors.shape[0]:
+            raise DataError(f"eval.labels has {len(labels)} labels for {items.vectors.shape[0]} items")
+        if unknown := sorted({lab for lab in labels if lab not in pos}):
+            raise DataError(f"eval.labels: {len(unknown)} class names not among eval.classes' ids, e.g. {unknown[:3]}")
+        classify = ClassifySet(classes.vectors, items.vectors, torch.tensor([pos[lab] for lab in labels]),
+                               cfg.classes_space)
+    return retrieval, classify
+
+
+def check_eval_dims(dims: tuple[int, int], retrieval: RetrievalSet | None, classify: ClassifySet | None) -> None:
+    dx, dy = dims
+    dim = {"x": dx, "y": dy}
+    found = {}
+    if retrieval is not None:
+        found.update({"eval.a_test (X)": (retrieval.a.shape[1], dx), "eval.c_test (Y)": (retrieval.c.shape[1], dy)})
+    if classify is not None:
+        other = "y" if classify.classes_space == "x" else "x"
+        space = classify.classes_space
+        found.update({f"eval.classes ({space.upper()})": (classify.classes.shape[1], dim[space]),
+                      f"eval.items ({other.upper()})": (classify.items.shape[1], dim[other])})
+    bad = [f"{k} has dim {got}, its space {want}" for k, (got, want) in found.items() if got != want]
+    if bad:
+        raise DataError("evaluation dims do not match the training spaces: " + "; ".join(bad))
+
+
+def _pivot(queries: torch.Tensor, b_from: torch.Tensor, b_to: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Pivot baseline: each query becomes the other-space embedding of its nearest B item in its own space."""
+    return b_to[topk_chunked(queries, b_from, 1, chunk)[1][:, 0]]
+
+
+def _recalls(a: torch.Tensor, c: torch.Tensor, c_to_a: torch.Tensor, chunk: int, ks=(1, 5, 10)) -> dict[str, float]:
+    r = retrieval_metrics(a, c, c_to_a, ks, chunk)  # "images" = A, "captions" = C
+    return {**{f"a2c_R@{k}": r[f"i2t_R@{k}"] for k in ks}, **{f"c2a_R@{k}": r[f"t2i_R@{k}"] for k in ks}}
+
+
+def _chance_recalls(c_to_a: torch.Tensor, n_a: int, ks=(1, 5, 10)) -> dict[str, float]:
+    """Expected recall@k of a random ranking: C→A has one positive among n_a; A→C has m positives among n_c."""
+    n_c, counts = c_to_a.shape[0], torch.bincount(c_to_a, minlength=n_a)
+    counts = counts[counts > 0].tolist()
+
+    def hit(n: int, m: int, k: int) -> float:  # P(at least one of m positives among the first k of n)
+        miss = 1.0
+        for j in range(min(k, n)):
+            miss *= max(0, n - m - j) / (n - j)
+        return 1 - miss
+
+    return {**{f"a2c_R@{k}": sum(hit(n_c, m, k) for m in counts) / len(counts) for k in ks},
+            **{f"c2a_R@{k}": min(k, n_a) / n_a for k in ks}}
+
+
+def evaluate(model: ConnectedSpaces, data: ConnectData | None = None, retrieval: RetrievalSet | None = None,
+             classify: ClassifySet | None = None, chunk_size: int = 8192) -> dict[str, float]:
+    """A↔C retrieval R@1/5/10 and classification accuracy of the connected model, the pivot baseline (through the
+    nearest B item of ``data``; left out without it) and chance, as ``connected/…``, ``pivot/…``, ``chance/…`` keys."""
+    check_eval_dims((model.info["dim_x"], model.info["dim_y"]), retrieval, classify)
+    out = {}
+    if retrieval is not None:
+        r = retrieval
+        a_emb, c_emb = model.embed(r.a, "x"), model.embed(r.c, "y")
+        out.update({f"connected/{k}": v for k, v in _recalls(a_emb, c_emb, r.c_to_a, chunk_size).items()})
+        out.update({f"chance/{k}": v for k, v in _chance_recalls(r.c_to_a, r.a.shape[0]).items()})
+    if retrieval is not None and data is not None:
+        r = retrieval
+        a_in_y = _pivot(r.a, data.b_x, data.b_y, chunk_size)  # A → nearest B (X) → its Y embedding
+        c_in_x = _pivot(r.c, data.b_y, data.b_x, chunk_size)  # C → nearest B (Y) → its X embedding
+        pivot = {**{k: v for k, v in _recalls(a_in_y, r.c, r.c_to_a, chunk_size).items() if k.startswith("a2c")},
+                 **{k: v for k, v in _recalls(r.a, c_in_x, r.c_to_a, chunk_size).items() if k.startswith("c2a")}}
+        out.update({f"pivot/{k}": v for k, v in pivot.items()})
+    if classify is not None:
+        s = classify
+        other = "y" if s.classes_space == "x" else "x"
+        classes, items = model.embed(s.classes, s.classes_space), model.embed(s.items, other)
+        out["connected/classify_acc"] = (items @ classes.T).argmax(1).eq(s.labels).float().mean().item()
+        out["chance/classify_acc"] = 1.0 / s.classes.shape[0]
+        if data is not None:
+            b = {"x": data.b_x, "y": data.b_y}
+            items_there = _pivot(s.items, b[other], b[s.classes_space], chunk_size)  # item → nearest B → other space
+            out["pivot/classify_acc"] = (items_there @ s.classes.T).argmax(1).eq(s.labels).float().mean().item()
+    return out
