@@ -8,7 +8,11 @@ or world size, and a resumed run sees exactly the same samples.
 from __future__ import annotations
 
 import hashlib
+import os
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -129,3 +133,17 @@ class ImageTextDataset(torch.utils.data.Dataset):
         if v.tag_index is not None:
             sample["tags"] = multi_hot(self.tags(i), v.tag_index)
         return sample
+
+
+def cached_array(cache: Path | None, make: Callable[[], np.ndarray]) -> np.ndarray:
+    """``make()``, or the array saved at ``cache`` by an earlier call (written atomically; None: no cache)."""
+    if cache is None:
+        return make()
+    if cache.exists():
+        return np.load(cache)
+    array = make()
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=cache.parent, suffix=".tmp", delete=False) as f:
+        np.save(f, array)
+    os.replace(f.name, cache)
+    return array

@@ -11,8 +11,6 @@ background. Class names avoid leading vowels, so the prompt "a {}" reads well fo
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +18,7 @@ import numpy as np
 import torch
 
 from ..errors import DataError
-from .base import SkipReport, sample_rng, stable_hash
+from .base import SkipReport, cached_array, sample_rng, stable_hash
 
 VERSION = "shapes3d-v1"  # bump whenever meshes, sampling or rendering change: it keys the on-disk cache
 SPLITS = ("train", "val", "test")
@@ -214,18 +212,8 @@ class Shapes3D(torch.utils.data.Dataset):
         return torch.from_numpy(sample_surface(*self.mesh(i), self.n_points, self._rng(i, 1))[0])
 
     def _load_or_render(self, cache_dir: str | Path | None) -> np.ndarray:
-        if cache_dir is None:
-            return self.render_all()
-        cache = (Path(cache_dir) / f"{VERSION}-{self.split}-n{self.size}-px{self.image_size}-v{self.views}"
-                 f"-seed{self.seed}.npy")
-        if cache.exists():
-            return np.load(cache)
-        images = self.render_all()
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=cache.parent, suffix=".tmp", delete=False) as f:
-            np.save(f, images)
-        os.replace(f.name, cache)
-        return images
+        name = f"{VERSION}-{self.split}-n{self.size}-px{self.image_size}-v{self.views}-seed{self.seed}.npy"
+        return cached_array(Path(cache_dir) / name if cache_dir else None, self.render_all)
 
     def render_all(self) -> np.ndarray:
         """Every item from ``views`` random viewpoints → (size, views, S, S, 3) uint8, a block of items at a time."""

@@ -7,16 +7,14 @@ vectorised with numpy (anti-aliased sprites pasted with fancy indexing), and kep
 from __future__ import annotations
 
 import functools
-import os
 import random
 import re
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from polyalign.data.base import ImageTextDataset, SkipReport, stable_hash
+from polyalign.data.base import ImageTextDataset, SkipReport, cached_array, stable_hash
 from polyalign.errors import DataError
 
 VERSION = "shapes-v1"  # bump whenever rendering or scene sampling changes: it keys the on-disk cache
@@ -218,18 +216,9 @@ class ShapesDataset(ImageTextDataset):
         self.images = self._load_or_render(cache_dir)
 
     def _load_or_render(self, cache_dir: str | Path | None) -> np.ndarray:
-        """Rendered images, from the cache file when there is one (written atomically otherwise)."""
-        if cache_dir is None:
-            return self._render()
-        cache = Path(cache_dir) / f"{VERSION}-{self.split}-n{self.size}-px{self.image_size}-seed{self.seed}.npy"
-        if cache.exists():
-            return np.load(cache)
-        images = self._render()
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=cache.parent, suffix=".tmp", delete=False) as f:
-            np.save(f, images)
-        os.replace(f.name, cache)
-        return images
+        """Rendered images, from the cache file when there is one."""
+        name = f"{VERSION}-{self.split}-n{self.size}-px{self.image_size}-seed{self.seed}.npy"
+        return cached_array(Path(cache_dir) / name if cache_dir else None, self._render)
 
     def _render(self) -> np.ndarray:
         """Render all scenes, a block at a time to bound the float working memory."""
