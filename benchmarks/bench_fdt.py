@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from timing import rss_mb, timed, total_ram_mb
+from timing import timed_with_peak, total_ram_mb
 
 RAM_FRACTION = 0.6  # the naive case is skipped when its (B, N, C) tensors would not fit in this share of RAM
 
@@ -37,15 +37,7 @@ def fdt_case(impl: str, b: int, n: int, c: int, d: int, chunk: int, device: str,
         (r * g).sum().backward()
         result["r"] = r.detach()
 
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        Path("/proc/self/clear_refs").write_text("5")  # reset the RSS high-water mark
-        base = rss_mb("VmRSS")
-    seconds = timed(step, device, 1)
-    extra = (torch.cuda.max_memory_allocated() - base) / 2**20 if device.type == "cuda" else rss_mb("VmHWM") - base
+    seconds, extra = timed_with_peak(step, device, 1)
     torch.save({"r": result["r"].cpu(), "dq": q.grad.cpu(), "dF": codebook.grad.cpu()}, save)
     return {"impl": impl, "B": b, "N": n, "C": c, "D": d, "chunk": use, "seconds": seconds, "peak_extra_mb": extra}
 

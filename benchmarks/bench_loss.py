@@ -4,12 +4,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from timing import rss_mb, timed, total_ram_mb
+from timing import timed_with_peak, total_ram_mb
 
 RAM_FRACTION = 0.6  # a dense case whose estimated need exceeds this share of RAM is reported as not fitting
 
@@ -43,18 +42,7 @@ def loss_case(impl: str, batch: int, dim: int, device: str) -> dict:
         a.grad = b.grad = scale.grad = None
         fn().backward()
 
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        Path("/proc/self/clear_refs").write_text("5")  # reset the RSS high-water mark
-        base = rss_mb("VmRSS")
-    seconds = timed(step, device, 3 if batch <= 4096 else 1)
-    if device.type == "cuda":
-        extra = (torch.cuda.max_memory_allocated() - base) / 2**20
-    else:
-        extra = rss_mb("VmHWM") - base
+    seconds, extra = timed_with_peak(step, device, 3 if batch <= 4096 else 1)
     return {"impl": impl, "batch": batch, "dim": dim, "seconds": seconds, "peak_extra_mb": extra}
 
 

@@ -39,3 +39,18 @@ def timed(fn, device, repeats: int) -> float:
         sync(device)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def timed_with_peak(fn, device, repeats: int) -> tuple[float, float]:
+    """(median seconds of ``fn()``, peak memory in MB above the level before it): the allocator's peak on CUDA, the
+    RSS high-water mark on CPU (reset first). Run it in a fresh process, so the high-water mark is this case's."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        Path("/proc/self/clear_refs").write_text("5")  # reset the RSS high-water mark
+        base = rss_mb("VmRSS")
+    seconds = timed(fn, device, repeats)
+    extra = (torch.cuda.max_memory_allocated() - base) / 2**20 if device.type == "cuda" else rss_mb("VmHWM") - base
+    return seconds, extra
