@@ -14,11 +14,11 @@ import math
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from ..errors import PolyalignError
+from .gradcam_plot import upsample_map
 
 
 @torch.no_grad()
@@ -58,12 +58,10 @@ def _top_words(model, tok, captions: list[str], token_ids: list[int], k: int, ba
 def _heat(model, images: torch.Tensor, c: int) -> torch.Tensor:
     """Relevance of each patch to entry ``c``, min-max normalised and upsampled to the image size: (b, H, W)."""
     rel = model.fdt_image_relevance(images.float() / 255)[:, :, c]  # (b, N)
-    side = int(round(rel.shape[1] ** 0.5))
-    if side * side != rel.shape[1]:
-        raise PolyalignError(f"image tokens ({rel.shape[1]}) do not form a square patch grid")
-    lo, hi = rel.min(dim=1, keepdim=True).values, rel.max(dim=1, keepdim=True).values
-    rel = ((rel - lo) / (hi - lo).clamp_min(1e-12)).view(-1, 1, side, side)
-    return F.interpolate(rel, size=images.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+    try:
+        return torch.stack([upsample_map(r, tuple(images.shape[-2:])) for r in rel])
+    except ValueError as e:  # not a square patch grid
+        raise PolyalignError(str(e)) from None
 
 
 def _canvas(w: float, h: float) -> Figure:
