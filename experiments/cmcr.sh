@@ -50,6 +50,15 @@ connect_rows() {  # connect_rows PART_DIR CONFIG [overrides shared by every row]
   done
 }
 
+paired_rows() {  # the paired upper bound: the native InfoNCE on real (picture, sound) pairs, one run per seed
+  local d=$1 e=$2 seed
+  for seed in $SEEDS; do
+    connect_once "$d/connect/paired/seed-$seed" "$d/connect.yaml" inputs.b_x="$e/pair_image_x.npy" \
+      inputs.b_y="$e/memory_audio_y.npy" inputs.memory_a="$e/pair_image_x.npy" \
+      inputs.memory_c="$e/memory_audio_y.npy" train.seed="$seed"
+  done
+}
+
 emoji() {
   local d=$OUT/emoji e=$OUT/emoji/emb sp=data/emoji-speech
   mkdir -p "$e"
@@ -81,11 +90,7 @@ method: {projector: mlp}
 train: {batch_size: 512, epochs: 50, log_every: 200, threads: 1}
 EOF
   connect_rows "$d" "$d/connect.yaml"
-  for seed in $SEEDS; do  # upper bound: the native InfoNCE on 6,018 real (picture, spoken caption) pairs
-    connect_once "$d/connect/paired/seed-$seed" "$d/connect.yaml" inputs.b_x="$e/pair_image_x.npy" \
-      inputs.b_y="$e/memory_audio_y.npy" inputs.memory_a="$e/pair_image_x.npy" \
-      inputs.memory_c="$e/memory_audio_y.npy" train.seed="$seed"
-  done
+  paired_rows "$d" "$e"  # upper bound on 6,018 real (picture, spoken caption) pairs
   "$PY" experiments/cmcr_table.py "$d/connect" retrieval | tee "$d/table.md"
 }
 
@@ -112,11 +117,7 @@ method: {projector: mlp}
 train: {batch_size: 1024, epochs: 15, log_every: 200, threads: 1}
 EOF
   connect_rows "$d" "$d/connect.yaml"
-  for seed in $SEEDS; do  # upper bound: the native InfoNCE on 10,000 real (picture, sound) pairs of Y's scenes
-    connect_once "$d/connect/paired/seed-$seed" "$d/connect.yaml" inputs.b_x="$e/pair_image_x.npy" \
-      inputs.b_y="$e/memory_audio_y.npy" inputs.memory_a="$e/pair_image_x.npy" \
-      inputs.memory_c="$e/memory_audio_y.npy" train.seed="$seed"
-  done
+  paired_rows "$d" "$e"  # upper bound on 10,000 real (picture, sound) pairs of Y's scenes
   "$PY" experiments/cmcr_table.py "$d/connect" retrieval | tee "$d/table.md"
 }
 
