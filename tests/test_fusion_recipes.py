@@ -27,7 +27,7 @@ def test_fusion_recipe_errors_name_the_key(tiny_overrides, extra, match):
         load_config(None, tiny_overrides + FUSION_RUN + extra)
 
 
-def test_fusion_run_trains_reranks_and_draws_gradcam(tmp_path, tiny_overrides):
+def test_fusion_run_trains_reranks_and_draws_gradcam(tmp_path, tiny_overrides, capsys):
     """loss.weights.{itc,itm,mlm} build the fusion model through the normal loop; evaluation adds ITM re-ranking;
     `polyalign inspect gradcam` draws per-word maps and scores the pointing game on shapes scenes."""
     metrics = train(load_config(None, tiny_overrides + FUSION_RUN + ["model.fusion.soft_mask=true"]), tmp_path / "run",
@@ -41,3 +41,11 @@ def test_fusion_run_trains_reranks_and_draws_gradcam(tmp_path, tiny_overrides):
     p = report["pointing"]
     assert p["trials"] >= 30 and 0.0 <= p["accuracy"] <= 1.0 and 0.0 < p["chance"] < 0.5
     assert sum(w["trials"] for w in p["by_word"].values()) == p["trials"]
+    # --words: only pairs whose caption names the word are drawn; an unknown word is a clear error
+    assert main(["inspect", "gradcam", str(tmp_path / "run"), "--items", "30", "--pictures", "2", "--words", "red",
+                 "--out", str(tmp_path / "red")]) == 0
+    red = json.loads((tmp_path / "red" / "report.json").read_text())["pictures"]
+    assert red and all("red" in x["caption"].lower().split() for x in red)
+    assert main(["inspect", "gradcam", str(tmp_path / "run"), "--items", "30", "--words", "zebra",
+                 "--out", str(tmp_path / "zebra")]) != 0
+    assert "names any of ['zebra']" in capsys.readouterr().err

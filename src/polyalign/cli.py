@@ -194,7 +194,8 @@ def cmd_inspect_fdt(args) -> int:
 def cmd_inspect_gradcam(args) -> int:
     from .eval.inspect_gradcam import inspect_gradcam
 
-    out = inspect_gradcam(args.run_dir, args.out, n_pictures=args.pictures, max_items=args.items, split=args.split)
+    out = inspect_gradcam(args.run_dir, args.out, n_pictures=args.pictures, max_items=args.items, split=args.split,
+                          words=[w.strip() for w in args.words.split(",") if w.strip()])
     report = json.loads((out / "report.json").read_text())
     if "pointing" in report:
         p = report["pointing"]
@@ -288,6 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     gc.add_argument("--pictures", type=int, default=8)
     gc.add_argument("--items", type=int, default=500, help="test items scored by the pointing game")
     gc.add_argument("--split", default="test")
+    gc.add_argument("--words", default="", help="comma-separated: draw only pairs whose caption names one of these "
+                                                "words, e.g. red,star")
     gc.set_defaults(func=cmd_inspect_gradcam)
     d = sub.add_parser("demo", help="train and evaluate the default recipe on the embedded shapes data")
     d.add_argument("overrides", nargs="*", help="dotted overrides")

@@ -65,8 +65,10 @@ def _pointing(words, maps, boxes, size: int) -> list[dict]:
 
 
 def inspect_gradcam(run_dir: str | Path, out: str | Path | None = None, n_pictures: int = 8, max_items: int = 500,
-                    split: str = "test", layer: int | None = None) -> Path:
-    """Write the pictures and ``report.json`` (+ ``report.html``) into ``out`` (default RUN_DIR/inspect-gradcam)."""
+                    split: str = "test", layer: int | None = None, words: list[str] = ()) -> Path:
+    """Write the pictures and ``report.json`` (+ ``report.html``) into ``out`` (default RUN_DIR/inspect-gradcam).
+    ``words``: draw only items whose first caption names one of them (e.g. ``["red", "star"]``); the pointing game
+    still scores every item."""
     from ..data.build import build_datasets
     from ..heads.gradcam import itm_gradcam
     from ..runs import load_run
@@ -85,8 +87,14 @@ def inspect_gradcam(run_dir: str | Path, out: str | Path | None = None, n_pictur
 
     n = min(len(ds), max_items)
     items = [round(j * (len(ds) - 1) / max(n - 1, 1)) for j in range(n)]
-    multi = [i for i in items if len(getattr(ds, "objects", lambda _: [None])(i)) > 1]  # shapes: crowded scenes first
-    shown = set((multi + items)[:n_pictures])
+    candidates = items
+    if words:
+        wanted = {w.lower() for w in words}
+        candidates = [i for i in items if wanted & set(ds.captions(i)[0].lower().split())]
+        if not candidates:
+            raise PolyalignError(f"no caption among the {len(items)} {split} items names any of {sorted(wanted)}")
+    multi = [i for i in candidates if len(getattr(ds, "objects", lambda _: [None])(i)) > 1]  # shapes: crowded first
+    shown = set(list(dict.fromkeys(multi + candidates))[:n_pictures])  # crowded scenes first, no repeats
     trials, pictures = [], []
     for i in items:
         caption = ds.captions(i)[0]
