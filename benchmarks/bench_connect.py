@@ -61,7 +61,6 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=256)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "connect"))
     args = ap.parse_args()
-    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         naive, out_n = run_case("naive", args.small, args.queries, args.dim, tmp)
         chunked, out_c = run_case("chunked", args.small, args.queries, args.dim, tmp)

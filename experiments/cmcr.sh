@@ -59,6 +59,16 @@ paired_rows() {  # the paired upper bound: the native InfoNCE on real (picture, 
   done
 }
 
+audio_connect_yaml() {  # audio_connect_yaml DIR NAME BATCH EPOCHS: DIR/connect.yaml for audio → image through text
+  cat > "$1/connect.yaml" <<EOF
+# $2: X = image–text (A = image, B = text), Y = audio–text (C = audio); audio → image through text
+inputs: {b_x: emb/text_x.npy, b_y: emb/text_y.npy, memory_a: emb/memory_image_x.npy, memory_c: emb/memory_audio_y.npy}
+eval: {a_test: emb/test_image_x.npy, c_test: emb/test_audio_y.npy}
+method: {projector: mlp}
+train: {batch_size: $3, epochs: $4, log_every: 200, threads: 1}
+EOF
+}
+
 emoji() {
   local d=$OUT/emoji e=$OUT/emoji/emb sp=data/emoji-speech
   mkdir -p "$e"
@@ -82,13 +92,7 @@ emoji() {
   "$PA" embed "$d/y" --modality audio --manifest $sp/cmcr_test/speech.jsonl --id-field concept_id --out "$e/test_audio_y"
   # paired upper bound only: for every spoken caption of half Y (memory_audio_y, ids = clip paths), its picture
   "$PA" embed "$d/x" --modality image --manifest data/emoji/cmcr_y_pairs.jsonl --id-field clip --out "$e/pair_image_x"
-  cat > "$d/connect.yaml" <<EOF
-# emoji: X = image–text (A = image, B = text), Y = audio–text (C = audio); audio → image through text
-inputs: {b_x: emb/text_x.npy, b_y: emb/text_y.npy, memory_a: emb/memory_image_x.npy, memory_c: emb/memory_audio_y.npy}
-eval: {a_test: emb/test_image_x.npy, c_test: emb/test_audio_y.npy}
-method: {projector: mlp}
-train: {batch_size: 512, epochs: 50, log_every: 200, threads: 1}
-EOF
+  audio_connect_yaml "$d" emoji 512 50
   connect_rows "$d" "$d/connect.yaml"
   paired_rows "$d" "$e"  # upper bound on 6,018 real (picture, spoken caption) pairs
   "$PY" experiments/cmcr_table.py "$d/connect" retrieval | tee "$d/table.md"
@@ -109,13 +113,7 @@ shapes() {
   "$PA" embed "$d/y" data.seed=0 --modality audio --split test --out "$e/test_audio_y"
   # paired upper bound only: pictures (X) and sounds (Y) of Y's training scenes (seed 1)
   "$PA" embed "$d/x" data.seed=1 --modality image --split train --out "$e/pair_image_x"
-  cat > "$d/connect.yaml" <<EOF
-# shapes: X = image–text (A = image, B = text), Y = audio–text (C = audio); audio → image through text
-inputs: {b_x: emb/text_x.npy, b_y: emb/text_y.npy, memory_a: emb/memory_image_x.npy, memory_c: emb/memory_audio_y.npy}
-eval: {a_test: emb/test_image_x.npy, c_test: emb/test_audio_y.npy}
-method: {projector: mlp}
-train: {batch_size: 1024, epochs: 15, log_every: 200, threads: 1}
-EOF
+  audio_connect_yaml "$d" shapes 1024 15
   connect_rows "$d" "$d/connect.yaml"
   paired_rows "$d" "$e"  # upper bound on 10,000 real (picture, sound) pairs of Y's scenes
   "$PY" experiments/cmcr_table.py "$d/connect" retrieval | tee "$d/table.md"
