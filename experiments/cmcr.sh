@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # C-MCR experiments of docs/cmcr.md, end to end from built data:
 #   polyalign data emoji --out data/emoji --styles google,twitter      # once (the emoji part needs it)
-#   bash experiments/cmcr.sh [emoji|shapes|3d ...]                     # default: all three
+#   bash experiments/cmcr.sh [emoji|emoji-shared|shapes|3d ...]        # default: emoji, shapes, 3d
 # Each part trains its two contrastive spaces (one seed), exports their embeddings with `polyalign embed`,
 # and runs `polyalign connect` for the full method, the ablations, Ex-MCR and the paired upper bound, each with
 # seeds 0,1,2 (train.seed of the projectors). No (A, C) pair is used by any row except "paired".
@@ -98,6 +98,32 @@ emoji() {
   "$PY" experiments/cmcr_table.py "$d/connect" retrieval | tee "$d/table.md"
 }
 
+emoji_shared() {  # the shared-concepts design: both spaces know every training concept, from disjoint samples
+  local d=$OUT/emoji-shared e=$OUT/emoji-shared/emb sp=data/emoji-speech
+  mkdir -p "$e"
+  "$PY" experiments/cmcr_emoji_data.py split data/emoji   # for cmcr_test.jsonl (the same test as the emoji part)
+  [[ -f $sp/train/speech.jsonl ]] || timed "speech train (all concepts)" "$PA" data speech \
+    --manifest data/emoji/concept_train.jsonl --out $sp/train --captions-per-item 5
+  [[ -f $sp/cmcr_test/speech.jsonl ]] || timed "speech test" "$PA" data speech \
+    --manifest data/emoji/cmcr_test.jsonl --out $sp/cmcr_test
+  "$PY" experiments/cmcr_emoji_data.py pairs $sp/train data/emoji cmcr_shared_pairs
+  # X: pictures + captions of every training concept (the LiT recipe of the concept split, one seed);
+  # Y: spoken captions of every training concept. No sample is in both; no (clip, picture) pair is used.
+  train_once "emoji-shared X (LiT)" configs/emoji-concept-lit.yaml "$d/x"
+  train_once "emoji-shared Y (CLAP)" configs/cmcr/emoji-shared-y-clap.yaml "$d/y"
+  "$PA" embed "$d/x" --modality text --manifest data/emoji/concept_train.jsonl --out "$e/text_x"
+  "$PA" embed "$d/y" --modality text --manifest data/emoji/concept_train.jsonl --out "$e/text_y"
+  "$PA" embed "$d/x" --modality image --manifest data/emoji/concept_train.jsonl --out "$e/memory_image_x"
+  "$PA" embed "$d/y" --modality audio --manifest $sp/train/speech.jsonl --id-field audio --out "$e/memory_audio_y"
+  "$PA" embed "$d/x" --modality image --manifest data/emoji/cmcr_test.jsonl --id-field concept_id --out "$e/test_image_x"
+  "$PA" embed "$d/y" --modality audio --manifest $sp/cmcr_test/speech.jsonl --id-field concept_id --out "$e/test_audio_y"
+  "$PA" embed "$d/x" --modality image --manifest data/emoji/cmcr_shared_pairs.jsonl --id-field clip --out "$e/pair_image_x"
+  audio_connect_yaml "$d" "emoji, shared concepts" 512 50
+  connect_rows "$d" "$d/connect.yaml"
+  paired_rows "$d" "$e"  # upper bound on the real (picture, spoken caption) pairs of every training concept
+  "$PY" experiments/cmcr_table.py "$d/connect" retrieval | tee "$d/table.md"
+}
+
 shapes() {
   local d=$OUT/shapes e=$OUT/shapes/emb
   mkdir -p "$e"
@@ -150,9 +176,10 @@ for part in "${@:-emoji shapes 3d}"; do
   for p in $part; do
     case $p in
       emoji) emoji ;;
+      emoji-shared) emoji_shared ;;
       shapes) shapes ;;
       3d) three_d ;;
-      *) echo "unknown part $p (emoji | shapes | 3d)" >&2; exit 2 ;;
+      *) echo "unknown part $p (emoji | emoji-shared | shapes | 3d)" >&2; exit 2 ;;
     esac
   done
 done
