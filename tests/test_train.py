@@ -98,10 +98,18 @@ def test_resume_after_sigkill_is_exact(tmp_path, tiny_overrides, nproc, extra):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("extra", [[], MCT_MOCO], ids=["clip", "mct-moco"])
+# the fusion model's ITC alone (no random ITM negatives or MLM masks, which each rank draws for itself): momentum
+# features and their ids are gathered in rank order into the queues, so 2 processes must follow 1 process
+ALBEF_ITC = ["loss.weights.clip=0", "loss.weights.itc=1", "loss.weights.itm=0", "loss.weights.mlm=0",
+             "model.image.kind=vit", "model.fusion.queue_size=64", "model.fusion.embed_dim=16",
+             "model.fusion.fusion_layers=2", "model.fusion.alpha_ramp_steps=6", "eval.rerank_k=0"]
+
+
+@pytest.mark.parametrize("extra", [[], MCT_MOCO, ALBEF_ITC], ids=["clip", "mct-moco", "albef-itc"])
 def test_torchrun_two_processes_follow_the_one_process_run(tmp_path, tiny_overrides, extra):
     """`train.batch_size` is the global batch: 2 processes see the same samples per step and log the same losses
-    (with MCT: global-batch NT-Xent/InfoNCE views, tag BCE, MoCo keys gathered into one queue)."""
+    (with MCT: global-batch NT-Xent/InfoNCE views, tag BCE, MoCo keys gathered into one queue; with the fusion
+    model: momentum distillation against gathered queues)."""
     over = tiny_overrides + extra + ["eval.n_examples=0"]
     runs = {n: _cli(tmp_path, tmp_path / f"p{n}", over, nproc=n) for n in (1, 2)}
     for proc in runs.values():
