@@ -1,6 +1,6 @@
 """Markdown tables of C-MCR connect runs: mean ± sample std over seeds of ROOT/<row>/seed-<s>/metrics.json.
 
-    python experiments/cmcr_table.py ROOT retrieval   # audio → image (C → A) R@1/5/10, plus A → C
+    python experiments/cmcr_table.py ROOT retrieval   # audio → image (C → A) R@1/5/10 and median rank, plus A → C
     python experiments/cmcr_table.py ROOT classify    # zero-shot classification accuracy
 
 Rows: chance and pivot (read from the full runs: they do not depend on the projectors), then every row directory.
@@ -14,15 +14,22 @@ ORDER = ["full", "no_consistency", "no_noise", "no_intra", "exmcr", "paired"]
 NAMES = {"full": "C-MCR (full)", "no_consistency": "− semantic consistency (random memory pseudo pairs)",
          "no_noise": "− noise (σ² = 0)", "no_intra": "− intra alignment (λ = 0)", "exmcr": "Ex-MCR mode (X fixed)",
          "paired": "paired upper bound (real pairs)"}
-METRICS = {"retrieval": ["c2a_R@1", "c2a_R@5", "c2a_R@10", "a2c_R@1", "a2c_R@5", "a2c_R@10"],
+METRICS = {"retrieval": ["c2a_R@1", "c2a_R@5", "c2a_R@10", "c2a_MdR", "a2c_R@1", "a2c_R@5", "a2c_R@10", "a2c_MdR"],
            "classify": ["classify_acc"]}
 
 
-def fmt(values: list[float]) -> str:
-    """Mean ± sample std; one value, or the same value for every seed (chance, pivot), alone."""
+def fmt(values: list[float], digits: int = 3) -> str:
+    """Mean ± sample std; one value, or the same value for every seed (chance, pivot), alone; – when missing."""
+    if not values or any(v is None for v in values):
+        return "–"
     if len(values) == 1 or max(values) == min(values):
-        return f"{values[0]:.3f}"
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def cell(runs: list[dict], key: str) -> str:
+    """Median ranks (…_MdR, 1 = first) with one decimal, recalls with three."""
+    return fmt([m.get(key) for m in runs], 1 if key.endswith("MdR") else 3)
 
 
 def main(root: Path, kind: str) -> None:
@@ -34,12 +41,11 @@ def main(root: Path, kind: str) -> None:
     print("|---|---|" + "---|" * len(keys) + "---|")
     full = runs.get("full") or []
     for prefix, name in (("chance", "chance"), ("pivot", "pivot (nearest shared item)")):
-        if full and all(f"{prefix}/{k}" in full[0] for k in keys):
-            print(f"| {name} | {len(full)} | " + " | ".join(fmt([m[f'{prefix}/{k}'] for m in full]) for k in keys)
-                  + " | – |")
+        if full and any(f"{prefix}/{k}" in full[0] for k in keys):
+            print(f"| {name} | {len(full)} | " + " | ".join(cell(full, f"{prefix}/{k}") for k in keys) + " | – |")
     for r in rows:
         ms = runs[r]
-        print(f"| {NAMES.get(r, r)} | {len(ms)} | " + " | ".join(fmt([m[f'connected/{k}'] for m in ms]) for k in keys)
+        print(f"| {NAMES.get(r, r)} | {len(ms)} | " + " | ".join(cell(ms, f"connected/{k}") for k in keys)
               + f" | {statistics.mean(m['train/seconds'] for m in ms):.0f} |")
 
 

@@ -12,7 +12,7 @@ from polyalign.config import CHOICES, flat_items, parse_override, set_key
 from polyalign.connect import (ConnectConfig, ConnectData, ConnectedSpaces, connect, load_connect_config, pseudo_pairs,
                                train_connection)
 from polyalign.data.embeddings import Embeddings, join_by_id, read_embeddings
-from polyalign.eval.connected import RetrievalSet, _chance_recalls, evaluate
+from polyalign.eval.connected import RetrievalSet, _chance_recalls, _positive_ranks, _recalls, evaluate
 from polyalign.errors import ConfigError, DataError
 from polyalign.losses.cmcr import add_noise, cmcr_loss, intra_alignment, soft_retrieve
 
@@ -212,6 +212,22 @@ def test_python_api_takes_arrays_and_evaluates_without_pivot(problem, capsys):
         model.embed(test.a[:, :31], "x")
 
 
+def test_median_ranks_equal_brute_force():
+    a, c = unit(7, 4, seed=1), unit(11, 4, seed=2)
+    c_to_a = torch.tensor([0, 0, 1, 2, 2, 2, 3, 4, 5, 5, 5])  # A item 6 has no C pair
+    ranks = _positive_ranks(a, c, c_to_a, chunk=3)
+    sims = c @ a.T
+    assert ranks[0].tolist() == [int((sims[j] > sims[j, c_to_a[j]]).sum()) + 1 for j in range(11)]
+    want = []
+    for i in range(6):  # an A query's best C pair, ranked among the C items not paired with it
+        own = c_to_a == i
+        want.append(int((sims[~own, i] > sims[own, i].max()).sum()) + 1)
+    assert ranks[1].tolist() == want
+    m = _recalls(a, c, c_to_a, chunk=4)
+    assert m["c2a_MdR"] == ranks[0].float().median().item()
+    assert m["a2c_R@1"] == pytest.approx(want.count(1) / 6)
+
+
 def test_chance_recall_closed_form():
     c = _chance_recalls(torch.tensor([0, 0, 1, 2]), 3, ks=(1, 2))
     assert c["c2a_R@1"] == pytest.approx(1 / 3) and c["c2a_R@2"] == pytest.approx(2 / 3)
@@ -305,6 +321,17 @@ def test_cli_connects_user_embedding_files(tmp_path, capsys):
     assert (out / "loss.png").is_file() and yaml.safe_load((out / "config.yaml").read_text())["train"]["seed"] == 1
     model = ConnectedSpaces.load(out)
     assert model.embed(test.a[:1], "x").shape == (1, 32)
+    # `polyalign eval` of the connect run: the same figures; eval.* overrides point it at other test files
+    (out / "metrics.json").unlink()
+    assert main(["eval", str(out)]) == 0
+    again = json.loads((out / "metrics.json").read_text())
+    assert {k: again[k] for k in metrics if not k.startswith(("train/", "inputs/"))} == \
+        {k: v for k, v in metrics.items() if not k.startswith(("train/", "inputs/"))}
+    save_npy(d / "c_half.npy", test.c[:50], ids=[f"t{i}" for i in range(50)])
+    assert main(["eval", str(out), f"eval.c_test={d / 'c_half.npy'}"]) == 0
+    assert json.loads((out / "metrics.json").read_text())["chance/c2a_MdR"] == 50.5  # the 100 A items, (100 + 1) / 2
+    assert main(["eval", str(out), "train.epochs=3"]) == 2  # a config error
+    assert "only eval.* and inputs.*" in capsys.readouterr().err
     # errors: a missing file and a missing key, each named, non-zero exit, no traceback
     assert main(["connect", str(tmp_path / "connect.yaml"), "inputs.memory_a=nowhere.npy", "--out", str(out)]) == 1
     assert "nowhere.npy" in capsys.readouterr().err

@@ -63,9 +63,13 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    from .connect import evaluate_connect_run, is_connect_run
     from .data.build import build_datasets
     from .runs import evaluate_run, load_run, write_metrics
 
+    if is_connect_run(args.run_dir):  # a `polyalign connect` output: the connected model on its eval sets
+        print(json.dumps(evaluate_connect_run(args.run_dir, args.overrides), indent=2, sort_keys=True))
+        return 0
     cfg, model, tok = load_run(Path(args.run_dir), args.which, args.overrides)
     datasets = build_datasets(cfg.data, cfg.train.seed)
     metrics = evaluate_run(cfg, model, tok, datasets, Path(args.run_dir))
@@ -214,9 +218,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", help="run directory (default runs/<recipe name>)")
     t.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint")
     t.set_defaults(func=cmd_train)
-    e = sub.add_parser("eval", help="re-evaluate a run and print its metrics as JSON")
+    e = sub.add_parser("eval", help="re-evaluate a run (a training or a `polyalign connect` run) and print its metrics as JSON")
     e.add_argument("run_dir")
-    e.add_argument("overrides", nargs="*", help="dotted overrides of eval.* keys, e.g. eval.max_captions=1")
+    e.add_argument("overrides", nargs="*", help="dotted overrides of eval.* keys, e.g. eval.max_captions=1 "
+                   "(connect runs: eval.* and inputs.*, e.g. eval.c_test=other.npy)")
     e.add_argument("--which", choices=("latest", "best"), default="latest", help="checkpoint to evaluate")
     e.set_defaults(func=cmd_eval)
     g = sub.add_parser("data", help="build datasets")

@@ -411,3 +411,28 @@ def run_connect(cfg: ConnectConfig, out_dir: str | Path, log: Log = print) -> di
 
         plot_curves(out / "log.jsonl", out / "loss.png")
     return metrics
+
+
+def is_connect_run(run_dir: str | Path) -> bool:
+    return (Path(run_dir) / "connector.json").is_file()
+
+
+def evaluate_connect_run(run_dir: str | Path, overrides: list[str] = (), log: Log = print) -> dict[str, float]:
+    """`polyalign eval` of a connect run: the saved model on the eval sets of its config.yaml (``eval.*`` overrides
+    point it at other files; ``inputs.b_x``/``inputs.b_y`` feed the pivot). Merged into metrics.json, kept atomic."""
+    run = Path(run_dir)
+    bad = [o for o in overrides if not o.split("=", 1)[0].startswith(("eval.", "inputs."))]
+    if bad:
+        raise ConfigError(f"polyalign eval of a connect run takes only eval.* and inputs.* overrides, got {bad}")
+    cfg = load_connect_config(run / "config.yaml", overrides)
+    model = ConnectedSpaces.load(run)
+    retrieval, classify = load_eval_sets(cfg.eval, log)
+    if retrieval is None and classify is None:
+        raise ConfigError(f"{run / 'config.yaml'} names no evaluation set: give eval.a_test + eval.c_test, or "
+                          "eval.classes + eval.items + eval.labels")
+    data = load_inputs(cfg.inputs, log) if cfg.inputs.b_x and cfg.inputs.b_y else None
+    metrics = evaluate(model, data, retrieval, classify, cfg.eval.chunk_size)
+    previous = run / "metrics.json"
+    merged = {**(json.loads(previous.read_text()) if previous.exists() else {}), **metrics}
+    atomic_write(previous, lambda p: p.write_text(json.dumps(merged, indent=2, sort_keys=True)))
+    return merged

@@ -101,8 +101,26 @@ def _pivot(queries: torch.Tensor, b_from: torch.Tensor, b_to: torch.Tensor, chun
 
 
 def _recalls(a: torch.Tensor, c: torch.Tensor, c_to_a: torch.Tensor, chunk: int, ks=(1, 5, 10)) -> dict[str, float]:
+    """R@k both ways, and the median rank (1 = first) of the positive: ``c2a_MdR`` of each C query's A item,
+    ``a2c_MdR`` of each A query's best-ranked C item (A items without any C pair left out)."""
     r = retrieval_metrics(a, c, c_to_a, ks, chunk)  # "images" = A, "captions" = C
-    return {**{f"a2c_R@{k}": r[f"i2t_R@{k}"] for k in ks}, **{f"c2a_R@{k}": r[f"t2i_R@{k}"] for k in ks}}
+    c2a, a2c = _positive_ranks(a, c, c_to_a, chunk)
+    return {**{f"a2c_R@{k}": r[f"i2t_R@{k}"] for k in ks}, **{f"c2a_R@{k}": r[f"t2i_R@{k}"] for k in ks},
+            "c2a_MdR": c2a.float().median().item(), "a2c_MdR": a2c.float().median().item()}
+
+
+def _positive_ranks(a: torch.Tensor, c: torch.Tensor, c_to_a: torch.Tensor, chunk: int) -> tuple[torch.Tensor, ...]:
+    """Exact 1-based ranks: of each C query's A item among all A; of each paired A query's best C item among the
+    C items not paired with it."""
+    c2a = torch.cat([(sims > sims.gather(1, c_to_a[i:i + chunk, None])).sum(1) + 1
+                     for i in range(0, c.shape[0], chunk) for sims in [c[i:i + chunk] @ a.T]])
+    paired, a2c = torch.unique(c_to_a), []
+    for i in range(0, paired.shape[0], chunk):
+        rows = paired[i:i + chunk]
+        sims, own = a[rows] @ c.T, c_to_a[None, :] == rows[:, None]  # (r, Nc) each
+        best = sims.masked_fill(~own, -torch.inf).amax(1, keepdim=True)
+        a2c.append(((sims > best) & ~own).sum(1) + 1)
+    return c2a, torch.cat(a2c)
 
 
 def _chance_recalls(c_to_a: torch.Tensor, n_a: int, ks=(1, 5, 10)) -> dict[str, float]:
@@ -117,7 +135,7 @@ def _chance_recalls(c_to_a: torch.Tensor, n_a: int, ks=(1, 5, 10)) -> dict[str, 
         return 1 - miss
 
     return {**{f"a2c_R@{k}": sum(hit(n_c, m, k) for m in counts) / len(counts) for k in ks},
-            **{f"c2a_R@{k}": min(k, n_a) / n_a for k in ks}}
+            **{f"c2a_R@{k}": min(k, n_a) / n_a for k in ks}, "c2a_MdR": (n_a + 1) / 2}
 
 
 def evaluate(model: ConnectedSpaces, data: ConnectData | None = None, retrieval: RetrievalSet | None = None,
