@@ -22,8 +22,8 @@ timed() {  # timed NAME CMD...: run, append "NAME<TAB>seconds" to the wall-time 
   printf '%s\t%s\n' "$name" "$(( $(date +%s) - t0 ))" >> "$OUT/wall_times.tsv"
 }
 
-train_once() {  # train_once NAME CONFIG DIR: train unless DIR already holds the finished run
-  [[ -f "$3/metrics.json" ]] || timed "train $1" "$PA" train "$2" --out "$3"
+train_once() {  # train_once NAME CONFIG DIR [overrides]: train unless DIR already holds the finished run
+  [[ -f "$3/metrics.json" ]] || timed "train $1" "$PA" train "$2" "${@:4}" --out "$3"
 }
 
 connect_once() {  # connect_once OUT_DIR CONFIG [overrides]: connect unless OUT_DIR already holds the finished run
@@ -98,30 +98,43 @@ emoji() {
   "$PY" experiments/cmcr_table.py "$d/connect" retrieval | tee "$d/table.md"
 }
 
-emoji_shared() {  # the shared-concepts design: both spaces know every training concept, from disjoint samples
-  local d=$OUT/emoji-shared e=$OUT/emoji-shared/emb sp=data/emoji-speech
+emoji_shared_spaces() {  # emoji_shared_spaces DIR X_RUN Y_RUN: embeddings in DIR/emb and DIR/connect.yaml
+  local d=$1 x=$2 y=$3 e=$1/emb sp=data/emoji-speech
   mkdir -p "$e"
+  "$PA" embed "$x" --modality text --manifest data/emoji/concept_train.jsonl --out "$e/text_x"
+  "$PA" embed "$y" --modality text --manifest data/emoji/concept_train.jsonl --out "$e/text_y"
+  "$PA" embed "$x" --modality image --manifest data/emoji/concept_train.jsonl --out "$e/memory_image_x"
+  "$PA" embed "$y" --modality audio --manifest $sp/train/speech.jsonl --id-field audio --out "$e/memory_audio_y"
+  "$PA" embed "$x" --modality image --manifest data/emoji/cmcr_test.jsonl --id-field concept_id --out "$e/test_image_x"
+  "$PA" embed "$y" --modality audio --manifest $sp/cmcr_test/speech.jsonl --id-field concept_id --out "$e/test_audio_y"
+  audio_connect_yaml "$d" "emoji, shared concepts" 512 50
+}
+
+emoji_shared() {  # the shared-concepts design: both spaces know every training concept, from disjoint samples
+  local d=$OUT/emoji-shared sp=data/emoji-speech seed
   "$PY" experiments/cmcr_emoji_data.py split data/emoji   # for cmcr_test.jsonl (the same test as the emoji part)
   [[ -f $sp/train/speech.jsonl ]] || timed "speech train (all concepts)" "$PA" data speech \
     --manifest data/emoji/concept_train.jsonl --out $sp/train --captions-per-item 5
   [[ -f $sp/cmcr_test/speech.jsonl ]] || timed "speech test" "$PA" data speech \
     --manifest data/emoji/cmcr_test.jsonl --out $sp/cmcr_test
   "$PY" experiments/cmcr_emoji_data.py pairs $sp/train data/emoji cmcr_shared_pairs
-  # X: pictures + captions of every training concept (the LiT recipe of the concept split, one seed);
+  # X: pictures + captions of every training concept (the LiT recipe of the concept split);
   # Y: spoken captions of every training concept. No sample is in both; no (clip, picture) pair is used.
   train_once "emoji-shared X (LiT)" configs/emoji-concept-lit.yaml "$d/x"
   train_once "emoji-shared Y (CLAP)" configs/cmcr/emoji-shared-y-clap.yaml "$d/y"
-  "$PA" embed "$d/x" --modality text --manifest data/emoji/concept_train.jsonl --out "$e/text_x"
-  "$PA" embed "$d/y" --modality text --manifest data/emoji/concept_train.jsonl --out "$e/text_y"
-  "$PA" embed "$d/x" --modality image --manifest data/emoji/concept_train.jsonl --out "$e/memory_image_x"
-  "$PA" embed "$d/y" --modality audio --manifest $sp/train/speech.jsonl --id-field audio --out "$e/memory_audio_y"
-  "$PA" embed "$d/x" --modality image --manifest data/emoji/cmcr_test.jsonl --id-field concept_id --out "$e/test_image_x"
-  "$PA" embed "$d/y" --modality audio --manifest $sp/cmcr_test/speech.jsonl --id-field concept_id --out "$e/test_audio_y"
-  "$PA" embed "$d/x" --modality image --manifest data/emoji/cmcr_shared_pairs.jsonl --id-field clip --out "$e/pair_image_x"
-  audio_connect_yaml "$d" "emoji, shared concepts" 512 50
+  emoji_shared_spaces "$d" "$d/x" "$d/y"
+  "$PA" embed "$d/x" --modality image --manifest data/emoji/cmcr_shared_pairs.jsonl --id-field clip \
+    --out "$d/emb/pair_image_x"
   connect_rows "$d" "$d/connect.yaml"
-  paired_rows "$d" "$e"  # upper bound on the real (picture, spoken caption) pairs of every training concept
+  paired_rows "$d" "$d/emb"  # upper bound on the real (picture, spoken caption) pairs of every training concept
   "$PY" experiments/cmcr_table.py "$d/connect" retrieval | tee "$d/table.md"
+  # the spaces' own seeds: X and Y retrained with train.seed=1, 2, each pair connected once (projector seed = the same)
+  for seed in 1 2; do
+    train_once "emoji-shared X seed $seed" configs/emoji-concept-lit.yaml "$d/x-seed$seed" train.seed=$seed
+    train_once "emoji-shared Y seed $seed" configs/cmcr/emoji-shared-y-clap.yaml "$d/y-seed$seed" train.seed=$seed
+    [[ -f "$d/spaces-seed$seed/connect.yaml" ]] || emoji_shared_spaces "$d/spaces-seed$seed" "$d/x-seed$seed" "$d/y-seed$seed"
+    connect_once "$d/spaces-seed$seed/connect/full/seed-$seed" "$d/spaces-seed$seed/connect.yaml" train.seed=$seed
+  done
 }
 
 shapes() {
