@@ -122,9 +122,9 @@ emoji_shared() {  # the shared-concepts design: both spaces know every training 
   # Y: spoken captions of every training concept. No sample is in both; no (clip, picture) pair is used.
   train_once "emoji-shared X (LiT)" configs/emoji-concept-lit.yaml "$d/x"
   train_once "emoji-shared Y (CLAP)" configs/cmcr/emoji-shared-y-clap.yaml "$d/y"
-  emoji_shared_spaces "$d" "$d/x" "$d/y"
-  "$PA" embed "$d/x" --modality image --manifest data/emoji/cmcr_shared_pairs.jsonl --id-field clip \
-    --out "$d/emb/pair_image_x"
+  [[ -f "$d/connect.yaml" ]] || emoji_shared_spaces "$d" "$d/x" "$d/y"  # (embeddings are written once)
+  [[ -f "$d/emb/pair_image_x.npy" ]] || "$PA" embed "$d/x" --modality image \
+    --manifest data/emoji/cmcr_shared_pairs.jsonl --id-field clip --out "$d/emb/pair_image_x"
   connect_rows "$d" "$d/connect.yaml"
   paired_rows "$d" "$d/emb"  # upper bound on the real (picture, spoken caption) pairs of every training concept
   "$PY" experiments/cmcr_table.py "$d/connect" retrieval | tee "$d/table.md"
