@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # C-MCR experiments of docs/cmcr.md, end to end from built data:
 #   polyalign data emoji --out data/emoji --styles google,twitter      # once (the emoji part needs it)
-#   bash experiments/cmcr.sh [emoji|emoji-shared|shapes|3d ...]        # default: emoji, shapes, 3d
+#   bash experiments/cmcr.sh [emoji|emoji-shared|emoji-style|shapes|3d]  # default: emoji, shapes, 3d
 # Each part trains its two contrastive spaces (one seed), exports their embeddings with `polyalign embed`,
 # and runs `polyalign connect` for the full method, the ablations, Ex-MCR and the paired upper bound, each with
 # seeds 0,1,2 (train.seed of the projectors). No (A, C) pair is used by any row except "paired".
@@ -83,31 +83,30 @@ emoji() {
   train_once "emoji X (CLIP/LiT)" configs/cmcr/emoji-x-clip.yaml "$d/x"
   train_once "emoji Y (CLAP)" configs/cmcr/emoji-y-clap.yaml "$d/y"
   # embeddings: shared modality = text (every training caption of both halves, in both spaces), memories =
-  # half X's images (in X) and half Y's clips (in Y), test = pictures vs spoken names of the held-out concepts
-  "$PA" embed "$d/x" --modality text --manifest data/emoji/concept_train.jsonl --out "$e/text_x"
-  "$PA" embed "$d/y" --modality text --manifest data/emoji/concept_train.jsonl --out "$e/text_y"
-  "$PA" embed "$d/x" --modality image --manifest data/emoji/cmcr_x_train.jsonl --out "$e/memory_image_x"
-  "$PA" embed "$d/y" --modality audio --manifest $sp/cmcr_y_train/speech.jsonl --id-field audio --out "$e/memory_audio_y"
-  "$PA" embed "$d/x" --modality image --manifest data/emoji/cmcr_test.jsonl --id-field concept_id --out "$e/test_image_x"
-  "$PA" embed "$d/y" --modality audio --manifest $sp/cmcr_test/speech.jsonl --id-field concept_id --out "$e/test_audio_y"
-  # paired upper bound only: for every spoken caption of half Y (memory_audio_y, ids = clip paths), its picture
-  "$PA" embed "$d/x" --modality image --manifest data/emoji/cmcr_y_pairs.jsonl --id-field clip --out "$e/pair_image_x"
-  audio_connect_yaml "$d" emoji 512 50
+  # half X's images (in X) and half Y's clips (in Y), test = pictures vs spoken names of the held-out concepts;
+  # pair_image_x (paired upper bound only): for every spoken caption of half Y, its picture
+  emoji_spaces "$d" emoji data/emoji/concept_train.jsonl data/emoji/cmcr_x_train.jsonl $sp/cmcr_y_train/speech.jsonl \
+    data/emoji/cmcr_test.jsonl $sp/cmcr_test/speech.jsonl data/emoji/cmcr_y_pairs.jsonl
   connect_rows "$d" "$d/connect.yaml"
   paired_rows "$d" "$e"  # upper bound on 6,018 real (picture, spoken caption) pairs
   "$PY" experiments/cmcr_table.py "$d/connect" retrieval | tee "$d/table.md"
 }
 
-emoji_shared_spaces() {  # emoji_shared_spaces DIR X_RUN Y_RUN: embeddings in DIR/emb and DIR/connect.yaml
-  local d=$1 x=$2 y=$3 e=$1/emb sp=data/emoji-speech
+emoji_spaces() {  # emoji_spaces DIR NAME TEXTS PICTURES CLIPS TEST_PICTURES TEST_CLIPS [PAIRS]: DIR/emb + DIR/connect.yaml
+  # from the spaces DIR/x (image–text) and DIR/y (audio–text), unless DIR/connect.yaml exists. TEXTS: manifest whose
+  # captions are the shared modality; PICTURES / CLIPS: the memories; TEST_*: pictures and spoken names paired by
+  # concept_id; PAIRS (paired upper bound only): one picture row per clip of CLIPS.
+  local d=$1 e=$1/emb
+  [[ -f "$d/connect.yaml" ]] && return 0
   mkdir -p "$e"
-  "$PA" embed "$x" --modality text --manifest data/emoji/concept_train.jsonl --out "$e/text_x"
-  "$PA" embed "$y" --modality text --manifest data/emoji/concept_train.jsonl --out "$e/text_y"
-  "$PA" embed "$x" --modality image --manifest data/emoji/concept_train.jsonl --out "$e/memory_image_x"
-  "$PA" embed "$y" --modality audio --manifest $sp/train/speech.jsonl --id-field audio --out "$e/memory_audio_y"
-  "$PA" embed "$x" --modality image --manifest data/emoji/cmcr_test.jsonl --id-field concept_id --out "$e/test_image_x"
-  "$PA" embed "$y" --modality audio --manifest $sp/cmcr_test/speech.jsonl --id-field concept_id --out "$e/test_audio_y"
-  audio_connect_yaml "$d" "emoji, shared concepts" 512 50
+  "$PA" embed "$d/x" --modality text --manifest "$3" --out "$e/text_x"
+  "$PA" embed "$d/y" --modality text --manifest "$3" --out "$e/text_y"
+  "$PA" embed "$d/x" --modality image --manifest "$4" --out "$e/memory_image_x"
+  "$PA" embed "$d/y" --modality audio --manifest "$5" --id-field audio --out "$e/memory_audio_y"
+  "$PA" embed "$d/x" --modality image --manifest "$6" --id-field concept_id --out "$e/test_image_x"
+  "$PA" embed "$d/y" --modality audio --manifest "$7" --id-field concept_id --out "$e/test_audio_y"
+  [[ -z "${8:-}" ]] || "$PA" embed "$d/x" --modality image --manifest "$8" --id-field clip --out "$e/pair_image_x"
+  audio_connect_yaml "$d" "$2" 512 50
 }
 
 emoji_shared() {  # the shared-concepts design: both spaces know every training concept, from disjoint samples
@@ -122,9 +121,8 @@ emoji_shared() {  # the shared-concepts design: both spaces know every training 
   # Y: spoken captions of every training concept. No sample is in both; no (clip, picture) pair is used.
   train_once "emoji-shared X (LiT)" configs/emoji-concept-lit.yaml "$d/x"
   train_once "emoji-shared Y (CLAP)" configs/cmcr/emoji-shared-y-clap.yaml "$d/y"
-  [[ -f "$d/connect.yaml" ]] || emoji_shared_spaces "$d" "$d/x" "$d/y"  # (embeddings are written once)
-  [[ -f "$d/emb/pair_image_x.npy" ]] || "$PA" embed "$d/x" --modality image \
-    --manifest data/emoji/cmcr_shared_pairs.jsonl --id-field clip --out "$d/emb/pair_image_x"
+  emoji_spaces "$d" "emoji, shared concepts" data/emoji/concept_train.jsonl data/emoji/concept_train.jsonl \
+    $sp/train/speech.jsonl data/emoji/cmcr_test.jsonl $sp/cmcr_test/speech.jsonl data/emoji/cmcr_shared_pairs.jsonl
   connect_rows "$d" "$d/connect.yaml"
   paired_rows "$d" "$d/emb"  # upper bound on the real (picture, spoken caption) pairs of every training concept
   "$PY" experiments/cmcr_table.py "$d/connect" retrieval | tee "$d/table.md"
@@ -132,9 +130,31 @@ emoji_shared() {  # the shared-concepts design: both spaces know every training 
   for seed in 1 2; do
     train_once "emoji-shared X seed $seed" configs/emoji-concept-lit.yaml "$d/x-seed$seed" train.seed=$seed
     train_once "emoji-shared Y seed $seed" configs/cmcr/emoji-shared-y-clap.yaml "$d/y-seed$seed" train.seed=$seed
-    [[ -f "$d/spaces-seed$seed/connect.yaml" ]] || emoji_shared_spaces "$d/spaces-seed$seed" "$d/x-seed$seed" "$d/y-seed$seed"
+    mkdir -p "$d/spaces-seed$seed"  # spaces-seedS/x and /y: links to the seed's runs
+    ln -sfn "../x-seed$seed" "$d/spaces-seed$seed/x" && ln -sfn "../y-seed$seed" "$d/spaces-seed$seed/y"
+    emoji_spaces "$d/spaces-seed$seed" "emoji, shared concepts, spaces of seed $seed" data/emoji/concept_train.jsonl \
+      data/emoji/concept_train.jsonl $sp/train/speech.jsonl data/emoji/cmcr_test.jsonl $sp/cmcr_test/speech.jsonl
     connect_once "$d/spaces-seed$seed/connect/full/seed-$seed" "$d/spaces-seed$seed/connect.yaml" train.seed=$seed
   done
+}
+
+emoji_style() {  # seen concepts, unseen samples (the emoji style split): the paper's situation at test time too
+  local d=$OUT/emoji-style sp=data/emoji-speech
+  # Y hears the captions of every concept (google rows of the style split; 8 voices); the test speaks each concept's
+  # first caption in two voices Y never heard; X sees google pictures; the test pictures are the twitter ones
+  [[ -f $sp/style_train/speech.jsonl ]] || timed "speech style_train" "$PA" data speech \
+    --manifest data/emoji/style_train.jsonl --out $sp/style_train --captions-per-item 5
+  [[ -f $sp/style_test_heldout_voices/speech.jsonl ]] || timed "speech style_test" "$PA" data speech \
+    --manifest data/emoji/style_test.jsonl --out $sp/style_test_heldout_voices --voices en-gb-x-gbclan,en-us-nyc
+  "$PY" experiments/cmcr_emoji_data.py pairs $sp/style_train data/emoji cmcr_style_pairs
+  train_once "emoji-style X (LiT)" configs/emoji-style-lit.yaml "$d/x"
+  train_once "emoji-style Y (CLAP)" configs/cmcr/emoji-style-y-clap.yaml "$d/y"
+  emoji_spaces "$d" "emoji, style split" data/emoji/style_train.jsonl data/emoji/style_train.jsonl \
+    $sp/style_train/speech.jsonl data/emoji/style_test.jsonl $sp/style_test_heldout_voices/speech.jsonl \
+    data/emoji/cmcr_style_pairs.jsonl
+  connect_rows "$d" "$d/connect.yaml"
+  paired_rows "$d" "$d/emb"
+  "$PY" experiments/cmcr_table.py "$d/connect" retrieval | tee "$d/table.md"
 }
 
 shapes() {
@@ -190,9 +210,10 @@ for part in "${@:-emoji shapes 3d}"; do
     case $p in
       emoji) emoji ;;
       emoji-shared) emoji_shared ;;
+      emoji-style) emoji_style ;;
       shapes) shapes ;;
       3d) three_d ;;
-      *) echo "unknown part $p (emoji | emoji-shared | shapes | 3d)" >&2; exit 2 ;;
+      *) echo "unknown part $p (emoji | emoji-shared | emoji-style | shapes | 3d)" >&2; exit 2 ;;
     esac
   done
 done
