@@ -430,7 +430,11 @@ def evaluate_connect_run(run_dir: str | Path, overrides: list[str] = (), log: Lo
     if retrieval is None and classify is None:
         raise ConfigError(f"{run / 'config.yaml'} names no evaluation set: give eval.a_test + eval.c_test, or "
                           "eval.classes + eval.items + eval.labels")
-    data = load_inputs(cfg.inputs, log) if cfg.inputs.b_x and cfg.inputs.b_y else None
+    data = None
+    if cfg.inputs.b_x and cfg.inputs.b_y:  # the pivot needs only B in both spaces: the memories are not read
+        b_x, b_y = join_by_id(read_embeddings(cfg.inputs.b_x, "inputs.b_x", log),
+                              read_embeddings(cfg.inputs.b_y, "inputs.b_y", log), cfg.inputs.partial_join, log)
+        data = ConnectData(b_x, b_y, b_x[:0], b_y[:0])
     metrics = evaluate(model, data, retrieval, classify, cfg.eval.chunk_size)
     previous = run / "metrics.json"
     merged = {**(json.loads(previous.read_text()) if previous.exists() else {}), **metrics}
