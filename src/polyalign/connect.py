@@ -14,12 +14,7 @@ Embedding files (``.npy`` + ids file, or ``.safetensors``): see ``polyalign.data
 by id (by row when neither has ids). Evaluation (``polyalign.eval.connected``) labels: ``NAME.txt`` (one class name
 per line) or ``NAME.json`` (a list), aligned with the items.
 
-A config for ``polyalign connect CONFIG.yaml [key=value ...] --out DIR`` (paths relative to the YAML file)::
-
-    inputs: {b_x: text_in_clip.npy, b_y: text_in_clap.npy, memory_a: images_in_clip.npy, memory_c: audio_in_clap.npy}
-    eval: {a_test: test_images.npy, c_test: test_audio.npy}   # pairs share an id (NAME.ids.txt)
-    method: {tau_memory: 0.01, noise_var: 0.004, intra_weight: 0.1}
-    train: {batch_size: 4096, epochs: 36}
+``polyalign connect CONFIG.yaml [key=value ...] --out DIR`` reads a config described in ``polyalign.connect_config``.
 """
 from __future__ import annotations
 
@@ -27,7 +22,7 @@ import contextlib
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -35,126 +30,14 @@ import yaml
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .config import parse_override, read_yaml_mapping, set_key, to_dict
+from .config import to_dict
+from .connect_config import ConnectConfig, ConnectInputs, ConnectMethod, load_connect_config, validate_connect
 from .errors import ConfigError, DataError, TrainingError
 from .data.embeddings import Log, check_embeddings, join_by_id, read_embeddings
 from .eval.connected import check_eval_dims, evaluate, load_eval_sets
-from .heads.cmcr import PROJECTOR_KINDS, CMCRProjector, FixedSpace, ResidualProjector
+from .heads.cmcr import CMCRProjector, FixedSpace, ResidualProjector
 from .losses.cmcr import add_noise, cmcr_loss, soft_retrieve
 from .train.checkpoint import atomic_write
-
-
-
-# ── configuration ────────────────────────────────────────────────────────────────────────────────────────────
-@dataclass
-class ConnectInputs:
-    b_x: str = ""  # B items embedded in X
-    b_y: str = ""  # the same B items embedded in Y (joined to b_x by id)
-    memory_a: str = ""  # unpaired A items in X
-    memory_c: str = ""  # unpaired C items in Y
-    partial_join: bool = False  # True: train on the ids both B files share; False: any mismatch is an error
-
-
-@dataclass
-class ConnectMethod:
-    mode: str = "cmcr"  # cmcr (project both spaces) | exmcr (X fixed, Y mapped into it; X's intra term is constant)
-    projector: str = "mlp"  # mlp (audio–visual setting) | linear (3D setting)
-    dim: int = 0  # common-space dimension; 0 = the inputs' (exmcr: always X's)
-    tau_memory: float = 0.01  # τ1 of the soft retrieval (default; not confirmed by the paper)
-    tau_native: float = 0.01  # τ2 of InfoNCE(B̂x, B̂y) (default)
-    tau_pseudo: float = 0.01  # τ3 of InfoNCE(Âx, Ĉy) (default)
-    noise_var: float = 0.004  # σ² of the semantic-completion noise; 0 = off
-    intra_weight: float = 0.1  # λ of the intra-space alignment; 0 = off
-    semantic_consistency: bool = True  # False: pseudo pairs are random memory items (ablation)
-    memory_precision: str = "fp32"  # fp32 | bf16: the soft retrieval's matrix products
-    query_chunk: int = 1024  # B rows per retrieval block
-    memory_chunk: int = 16384  # memory rows per retrieval block (the block is query_chunk × memory_chunk floats)
-
-
-@dataclass
-class ConnectTrain:
-    batch_size: int = 4096  # capped at the number of B items; a partial last batch is dropped (BatchNorm, negatives)
-    epochs: int = 36
-    lr: float = 1e-3
-    min_lr: float = 0.0  # cosine decay from lr to min_lr over the run
-    weight_decay: float = 0.01  # AdamW's, on weight matrices only (default; not given by the paper)
-    seed: int = 0
-    log_every: int = 50
-    device: str = "cpu"  # cpu | cuda | auto
-    threads: int = 0  # 0 = torch's default
-
-
-@dataclass
-class ConnectEval:
-    a_test: str = ""  # A items in X; an id shared with a c_test row marks a test pair
-    c_test: str = ""  # C items in Y
-    classes: str = ""  # class embeddings (ids = class names) in space `classes_space`
-    classes_space: str = "x"  # x: classes are A-side (e.g. text prompts), items are C in Y; y: the reverse
-    items: str = ""  # items to classify, in the other space
-    labels: str = ""  # one class name per item row
-    chunk_size: int = 8192
-
-
-@dataclass
-class ConnectConfig:
-    inputs: ConnectInputs = field(default_factory=ConnectInputs)
-    method: ConnectMethod = field(default_factory=ConnectMethod)
-    train: ConnectTrain = field(default_factory=ConnectTrain)
-    eval: ConnectEval = field(default_factory=ConnectEval)
-
-
-CONNECT_CHOICES = {"method.mode": ("cmcr", "exmcr"), "method.projector": PROJECTOR_KINDS,
-                   "method.memory_precision": ("fp32", "bf16"), "eval.classes_space": ("x", "y"),
-                   "train.device": ("cpu", "cuda", "auto")}
-PATH_KEYS = ("inputs.b_x", "inputs.b_y", "inputs.memory_a", "inputs.memory_c", "eval.a_test", "eval.c_test",
-             "eval.classes", "eval.items", "eval.labels")
-
-
-def _get(cfg, key: str):
-    for part in key.split("."):
-        cfg = getattr(cfg, part)
-    return cfg
-
-
-def load_connect_config(path: str | Path | None = None, overrides: list[str] = ()) -> ConnectConfig:
-    """Defaults ← YAML file ← ``a.b=c`` overrides, validated. Relative paths in the file are relative to the file;
-    in overrides, to the working directory."""
-    cfg = ConnectConfig()
-    if path is not None:
-        path = Path(path)
-        for key, value in read_yaml_mapping(path).items():
-            set_key(cfg, str(key), value)
-        for key in PATH_KEYS:
-            if _get(cfg, key):
-                set_key(cfg, key, str((path.parent / _get(cfg, key)).absolute()))
-    for text in overrides:
-        set_key(cfg, *parse_override(text))
-    for key in PATH_KEYS:  # absolute, so the config saved with the run works from anywhere
-        if _get(cfg, key):
-            set_key(cfg, key, str(Path(_get(cfg, key)).absolute()))
-    validate_connect(cfg)
-    return cfg
-
-
-def validate_connect(cfg: ConnectConfig) -> None:
-    """Choices, signs and the keys that must come together."""
-    for key, choices in CONNECT_CHOICES.items():
-        if _get(cfg, key) not in choices:
-            raise ConfigError(f"config key '{key}' must be one of {', '.join(choices)}, got {_get(cfg, key)!r}")
-    positive = ("train.batch_size", "train.epochs", "train.lr", "train.log_every", "method.tau_memory",
-                "method.tau_native", "method.tau_pseudo", "method.query_chunk", "method.memory_chunk",
-                "eval.chunk_size")
-    for key in positive:
-        if _get(cfg, key) <= 0:
-            raise ConfigError(f"config key '{key}' must be positive, got {_get(cfg, key)}")
-    for key in ("method.noise_var", "method.intra_weight", "method.dim", "train.min_lr", "train.weight_decay"):
-        if _get(cfg, key) < 0:
-            raise ConfigError(f"config key '{key}' must be >= 0, got {_get(cfg, key)}")
-    if bool(cfg.eval.a_test) != bool(cfg.eval.c_test):
-        raise ConfigError("retrieval evaluation needs both eval.a_test and eval.c_test (or neither)")
-    given = [k for k in ("eval.classes", "eval.items", "eval.labels") if _get(cfg, k)]
-    if given and len(given) != 3:
-        raise ConfigError(f"classification needs eval.classes, eval.items and eval.labels; only {', '.join(given)} set")
 
 
 # ── inputs ───────────────────────────────────────────────────────────────────────────────────────────────────

@@ -14,7 +14,8 @@ from ..errors import DataError
 from .retrieval import retrieval_metrics, topk_chunked
 
 if TYPE_CHECKING:
-    from ..connect import ConnectData, ConnectedSpaces, ConnectEval
+    from ..connect import ConnectData, ConnectedSpaces
+    from ..connect_config import ConnectEval
 
 @dataclass
 class RetrievalSet:
