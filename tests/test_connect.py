@@ -12,7 +12,8 @@ from polyalign.config import CHOICES, flat_items, parse_override, set_key
 from polyalign.connect import (ConnectConfig, ConnectData, ConnectedSpaces, connect, load_connect_config, pseudo_pairs,
                                train_connection)
 from polyalign.data.embeddings import Embeddings, join_by_id, read_embeddings
-from polyalign.eval.connected import RetrievalSet, _chance_recalls, _positive_ranks, _recalls, evaluate
+from polyalign.eval.connected import RetrievalSet, _chance_recalls, _recalls, evaluate
+from polyalign.eval.retrieval import retrieval_metrics
 from polyalign.errors import ConfigError, DataError
 from polyalign.losses.cmcr import add_noise, cmcr_loss, intra_alignment, soft_retrieve
 
@@ -212,20 +213,26 @@ def test_python_api_takes_arrays_and_evaluates_without_pivot(problem, capsys):
         model.embed(test.a[:, :31], "x")
 
 
-def test_median_ranks_equal_brute_force():
-    a, c = unit(7, 4, seed=1), unit(11, 4, seed=2)
-    c_to_a = torch.tensor([0, 0, 1, 2, 2, 2, 3, 4, 5, 5, 5])  # A item 6 has no C pair
-    ranks = _positive_ranks(a, c, c_to_a, chunk=3)
+def test_recalls_and_median_ranks_equal_brute_force():
+    a, c = unit(4, 4, seed=1), unit(14, 4, seed=2)
+    c[0] = -a[0]  # A item 0's only C pair points away from it: its rank runs past the number of A items
+    c_to_a = torch.tensor([0, 1, 1, 2, 2, 2, 2, 1, 1, 2, 1, 2, 1, 2])  # A item 3 has no C pair
     sims = c @ a.T
-    assert ranks[0].tolist() == [int((sims[j] > sims[j, c_to_a[j]]).sum()) + 1 for j in range(11)]
-    want = []
-    for i in range(6):  # an A query's best C pair, ranked among the C items not paired with it
+    c2a = torch.tensor([int((sims[j] > sims[j, c_to_a[j]]).sum()) + 1 for j in range(14)]).float()
+    a2c = []
+    for i in range(3):  # an A query's best C pair, ranked among the C items not paired with it
         own = c_to_a == i
-        want.append(int((sims[~own, i] > sims[own, i].max()).sum()) + 1)
-    assert ranks[1].tolist() == want
-    m = _recalls(a, c, c_to_a, chunk=4)
-    assert m["c2a_MdR"] == ranks[0].float().median().item()
-    assert m["a2c_R@1"] == pytest.approx(want.count(1) / 6)
+        a2c.append(int((sims[~own, i] > sims[own, i].max()).sum()) + 1)
+    a2c = torch.tensor(a2c).float()
+    assert a2c.max() > 4  # the case a rank cap at the A count would get wrong
+    m = _recalls(a, c, c_to_a, chunk=3)
+    assert m["c2a_MdR"] == c2a.median().item() and m["a2c_MdR"] == a2c.median().item()
+    for k in (1, 5, 10):
+        assert m[f"c2a_R@{k}"] == pytest.approx((c2a <= k).float().mean().item())
+        assert m[f"a2c_R@{k}"] == pytest.approx((a2c <= k).float().mean().item())
+    # the same recalls as the training-side retrieval metric (top-k positions) on the same sets
+    r = retrieval_metrics(a, c, c_to_a, (1, 5, 10), 4)
+    assert [m[f"c2a_R@{k}"] for k in (1, 5, 10)] == pytest.approx([r[f"t2i_R@{k}"] for k in (1, 5, 10)])
 
 
 def test_chance_recall_closed_form():

@@ -11,7 +11,7 @@ import torch
 
 from ..data.embeddings import Log, duplicates, read_embeddings
 from ..errors import DataError
-from .retrieval import retrieval_metrics, topk_chunked
+from .retrieval import positive_ranks, topk_chunked
 
 if TYPE_CHECKING:
     from ..connect import ConnectData, ConnectedSpaces
@@ -102,26 +102,15 @@ def _pivot(queries: torch.Tensor, b_from: torch.Tensor, b_to: torch.Tensor, chun
 
 
 def _recalls(a: torch.Tensor, c: torch.Tensor, c_to_a: torch.Tensor, chunk: int, ks=(1, 5, 10)) -> dict[str, float]:
-    """R@k both ways, and the median rank (1 = first) of the positive: ``c2a_MdR`` of each C query's A item,
-    ``a2c_MdR`` of each A query's best-ranked C item (A items without any C pair left out)."""
-    r = retrieval_metrics(a, c, c_to_a, ks, chunk)  # "images" = A, "captions" = C
-    c2a, a2c = _positive_ranks(a, c, c_to_a, chunk)
-    return {**{f"a2c_R@{k}": r[f"i2t_R@{k}"] for k in ks}, **{f"c2a_R@{k}": r[f"t2i_R@{k}"] for k in ks},
-            "c2a_MdR": c2a.float().median().item(), "a2c_MdR": a2c.float().median().item()}
-
-
-def _positive_ranks(a: torch.Tensor, c: torch.Tensor, c_to_a: torch.Tensor, chunk: int) -> tuple[torch.Tensor, ...]:
-    """Exact 1-based ranks: of each C query's A item among all A; of each paired A query's best C item among the
-    C items not paired with it."""
-    c2a = torch.cat([(sims > sims.gather(1, c_to_a[i:i + chunk, None])).sum(1) + 1
-                     for i in range(0, c.shape[0], chunk) for sims in [c[i:i + chunk] @ a.T]])
-    paired, a2c = torch.unique(c_to_a), []
-    for i in range(0, paired.shape[0], chunk):
-        rows = paired[i:i + chunk]
-        sims, own = a[rows] @ c.T, c_to_a[None, :] == rows[:, None]  # (r, Nc) each
-        best = sims.masked_fill(~own, -torch.inf).amax(1, keepdim=True)
-        a2c.append(((sims > best) & ~own).sum(1) + 1)
-    return c2a, torch.cat(a2c)
+    """R@k both ways and the median rank (1 = first) of the positive, from one sweep of exact ranks: ``c2a`` of each
+    C query's A item, ``a2c`` of each A query's best-ranked C item (A items without any C pair left out)."""
+    c2a, a2c = positive_ranks(c, a, c_to_a, None, chunk)  # "captions" = C, "images" = A; 0 = first
+    a2c = a2c[torch.unique(c_to_a)]
+    out = {}
+    for name, rank in (("a2c", a2c), ("c2a", c2a)):
+        out.update({f"{name}_R@{k}": (rank < k).float().mean().item() for k in ks})
+        out[f"{name}_MdR"] = rank.float().median().item() + 1
+    return out
 
 
 def _chance_recalls(c_to_a: torch.Tensor, n_a: int, ks=(1, 5, 10)) -> dict[str, float]:

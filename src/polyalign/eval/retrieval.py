@@ -22,19 +22,20 @@ def topk_chunked(queries: torch.Tensor, keys: torch.Tensor, k: int, chunk_size: 
     return torch.cat(scores), torch.cat(indices)
 
 
-def positive_ranks(txt_emb: torch.Tensor, img_emb: torch.Tensor, txt_to_img: torch.Tensor, k: int = 10,
+def positive_ranks(txt_emb: torch.Tensor, img_emb: torch.Tensor, txt_to_img: torch.Tensor, k: int | None = 10,
                    chunk_size: int = 8192, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Ranks of the positives (0 = first), capped at ``k``, from one sweep of (chunk, N) similarity blocks.
+    """Ranks of the positives (0 = first), capped at ``k`` (``None``: exact), from one sweep of (chunk, N) blocks.
 
-    ``t2i`` (M,): the position of each caption's image among all images (from the block's row-wise top-k);
-    ``i2t`` (N,): how many captions of *other* images score strictly higher than the image's best caption
-    (a column-wise count, which is cheaper than a column-wise top-k). Recall@k' is ``rank < k'`` for k' <= k.
-    ``dtype`` (e.g. bfloat16) casts the embeddings for the products and comparisons.
+    ``t2i`` (M,): the position of each caption's image among all images (from the block's row-wise top-k; exact:
+    how many images score strictly higher than it); ``i2t`` (N,): how many captions of *other* images score
+    strictly higher than the image's best caption (a column-wise count, which is cheaper than a column-wise top-k).
+    Recall@k' is ``rank < k'`` for k' <= k. ``dtype`` (e.g. bfloat16) casts the embeddings for the products.
     """
     txt, img = txt_emb.detach(), img_emb.detach()
     if dtype is not None:
         txt, img = txt.to(dtype), img.to(dtype)
-    n_img, k = img.shape[0], min(k, img.shape[0])
+    n_img, exact = img.shape[0], k is None
+    k = n_img if exact else min(k, n_img)
     positive = (txt.float() * img[txt_to_img].float()).sum(dim=1)  # (M,)
     best = torch.full((n_img,), -torch.inf, device=img.device).scatter_reduce(0, txt_to_img, positive, "amax")
     best = best.to(txt.dtype)
@@ -43,12 +44,15 @@ def positive_ranks(txt_emb: torch.Tensor, img_emb: torch.Tensor, txt_to_img: tor
     for start in range(0, txt.shape[0], chunk_size):
         sims = txt[start : start + chunk_size] @ img.T  # (c, N)
         owner = txt_to_img[start : start + chunk_size, None]  # (c, 1)
-        hit = torch.topk(sims, k, dim=1).indices == owner  # (c, k)
-        t2i[start : start + chunk_size] = torch.where(hit.any(dim=1), hit.int().argmax(dim=1), k)
+        if exact:  # the block's own similarity as the threshold, so rounding never counts the image itself
+            t2i[start : start + chunk_size] = (sims > sims.gather(1, owner)).sum(dim=1)
+        else:
+            hit = torch.topk(sims, k, dim=1).indices == owner  # (c, k)
+            t2i[start : start + chunk_size] = torch.where(hit.any(dim=1), hit.int().argmax(dim=1), k)
         above = sims > best[None, :]  # (c, N): caption beats the image's best caption
         i2t += above.view(torch.uint8).sum(dim=0, dtype=torch.int32)  # (uint8 sums are ~2x faster than bool)
         i2t.index_add_(0, owner[:, 0], -above.gather(1, owner)[:, 0].int())  # an image's own captions never count
-    return t2i, i2t.long().clamp_(max=k)
+    return t2i, i2t.long() if exact else i2t.long().clamp_(max=k)
 
 
 def retrieval_metrics(
