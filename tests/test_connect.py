@@ -72,7 +72,7 @@ def trained(problem):
                             "no_noise": ("method.noise_var=0",), "no_intra": ("method.intra_weight=0",),
                             "exmcr": ("method.mode=exmcr",)}.items():
         model, rows = train_connection(data, small_cfg("train.log_every=7", *overrides), QUIET)
-        runs[name] = (model, rows, evaluate(model, data, test))
+        runs[name] = (model, rows, evaluate(model, (data.b_x, data.b_y), test))
     return runs
 
 

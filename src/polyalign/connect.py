@@ -73,11 +73,17 @@ class ConnectData:
         return self.b_x.shape[1], self.b_y.shape[1]
 
 
+def load_shared(cfg: ConnectInputs, log: Log = print) -> tuple[torch.Tensor, torch.Tensor]:
+    """The B files named in ``cfg``, joined by id: (B in X, B in Y), row-aligned."""
+    return join_by_id(read_embeddings(cfg.b_x, "inputs.b_x", log), read_embeddings(cfg.b_y, "inputs.b_y", log),
+                      cfg.partial_join, log)
+
+
 def load_inputs(cfg: ConnectInputs, log: Log = print) -> ConnectData:
     """Read the four training files named in ``cfg`` and join the B files by id."""
-    emb = {k: read_embeddings(getattr(cfg, k), f"inputs.{k}", log) for k in ("b_x", "b_y", "memory_a", "memory_c")}
-    b_x, b_y = join_by_id(emb["b_x"], emb["b_y"], cfg.partial_join, log)
-    return ConnectData(b_x, b_y, emb["memory_a"].vectors, emb["memory_c"].vectors)
+    b_x, b_y = load_shared(cfg, log)
+    memory = [read_embeddings(getattr(cfg, k), f"inputs.{k}", log).vectors for k in ("memory_a", "memory_c")]
+    return ConnectData(b_x, b_y, *memory)
 
 
 # ── the connected model ──────────────────────────────────────────────────────────────────────────────────────
@@ -283,7 +289,7 @@ def run_connect(cfg: ConnectConfig, out_dir: str | Path, log: Log = print) -> di
     model, rows = train_connection(data, cfg, log, out / "log.jsonl")
     seconds = time.time() - t0
     model.save(out, cfg)
-    metrics = evaluate(model.cpu(), data, retrieval, classify, cfg.eval.chunk_size)
+    metrics = evaluate(model.cpu(), (data.b_x, data.b_y), retrieval, classify, cfg.eval.chunk_size)
     metrics.update({"train/seconds": seconds, "train/final_loss": rows[-1]["loss"] if rows else float("nan"),
                     "inputs/n_b": data.b_x.shape[0], "inputs/n_memory_a": data.memory_a.shape[0],
                     "inputs/n_memory_c": data.memory_c.shape[0]})
@@ -313,12 +319,8 @@ def evaluate_connect_run(run_dir: str | Path, overrides: list[str] = (), log: Lo
     if retrieval is None and classify is None:
         raise ConfigError(f"{run / 'config.yaml'} names no evaluation set: give eval.a_test + eval.c_test, or "
                           "eval.classes + eval.items + eval.labels")
-    data = None
-    if cfg.inputs.b_x and cfg.inputs.b_y:  # the pivot needs only B in both spaces: the memories are not read
-        b_x, b_y = join_by_id(read_embeddings(cfg.inputs.b_x, "inputs.b_x", log),
-                              read_embeddings(cfg.inputs.b_y, "inputs.b_y", log), cfg.inputs.partial_join, log)
-        data = ConnectData(b_x, b_y, b_x[:0], b_y[:0])
-    metrics = evaluate(model, data, retrieval, classify, cfg.eval.chunk_size)
+    shared = load_shared(cfg.inputs, log) if cfg.inputs.b_x and cfg.inputs.b_y else None  # the pivot's; no memories
+    metrics = evaluate(model, shared, retrieval, classify, cfg.eval.chunk_size)
     previous = run / "metrics.json"
     merged = {**(json.loads(previous.read_text()) if previous.exists() else {}), **metrics}
     atomic_write(previous, lambda p: p.write_text(json.dumps(merged, indent=2, sort_keys=True)))

@@ -14,7 +14,7 @@ from ..errors import DataError
 from .retrieval import positive_ranks, topk_chunked
 
 if TYPE_CHECKING:
-    from ..connect import ConnectData, ConnectedSpaces
+    from ..connect import ConnectedSpaces
     from ..connect_config import ConnectEval
 
 @dataclass
@@ -128,10 +128,12 @@ def _chance_recalls(c_to_a: torch.Tensor, n_a: int, ks=(1, 5, 10)) -> dict[str, 
             **{f"c2a_R@{k}": min(k, n_a) / n_a for k in ks}, "c2a_MdR": (n_a + 1) / 2}
 
 
-def evaluate(model: ConnectedSpaces, data: ConnectData | None = None, retrieval: RetrievalSet | None = None,
-             classify: ClassifySet | None = None, chunk_size: int = 8192) -> dict[str, float]:
-    """A↔C retrieval R@1/5/10 and classification accuracy of the connected model, the pivot baseline (through the
-    nearest B item of ``data``; left out without it) and chance, as ``connected/…``, ``pivot/…``, ``chance/…`` keys."""
+def evaluate(model: ConnectedSpaces, shared: tuple[torch.Tensor, torch.Tensor] | None = None,
+             retrieval: RetrievalSet | None = None, classify: ClassifySet | None = None,
+             chunk_size: int = 8192) -> dict[str, float]:
+    """A↔C retrieval R@1/5/10 and median rank, and classification accuracy, of the connected model, the pivot
+    baseline (through the nearest B item of ``shared`` = (B in X, B in Y), row-aligned; left out without it) and
+    chance, as ``connected/…``, ``pivot/…``, ``chance/…`` keys."""
     check_eval_dims((model.info["dim_x"], model.info["dim_y"]), retrieval, classify)
     out = {}
     if retrieval is not None:
@@ -139,10 +141,11 @@ def evaluate(model: ConnectedSpaces, data: ConnectData | None = None, retrieval:
         a_emb, c_emb = model.embed(r.a, "x"), model.embed(r.c, "y")
         out.update({f"connected/{k}": v for k, v in _recalls(a_emb, c_emb, r.c_to_a, chunk_size).items()})
         out.update({f"chance/{k}": v for k, v in _chance_recalls(r.c_to_a, r.a.shape[0]).items()})
-    if retrieval is not None and data is not None:
+    b = {"x": shared[0], "y": shared[1]} if shared is not None else None
+    if retrieval is not None and b is not None:
         r = retrieval
-        a_in_y = _pivot(r.a, data.b_x, data.b_y, chunk_size)  # A → nearest B (X) → its Y embedding
-        c_in_x = _pivot(r.c, data.b_y, data.b_x, chunk_size)  # C → nearest B (Y) → its X embedding
+        a_in_y = _pivot(r.a, b["x"], b["y"], chunk_size)  # A → nearest B (X) → its Y embedding
+        c_in_x = _pivot(r.c, b["y"], b["x"], chunk_size)  # C → nearest B (Y) → its X embedding
         pivot = {**{k: v for k, v in _recalls(a_in_y, r.c, r.c_to_a, chunk_size).items() if k.startswith("a2c")},
                  **{k: v for k, v in _recalls(r.a, c_in_x, r.c_to_a, chunk_size).items() if k.startswith("c2a")}}
         out.update({f"pivot/{k}": v for k, v in pivot.items()})
@@ -152,8 +155,7 @@ def evaluate(model: ConnectedSpaces, data: ConnectData | None = None, retrieval:
         classes, items = model.embed(s.classes, s.classes_space), model.embed(s.items, other)
         out["connected/classify_acc"] = (items @ classes.T).argmax(1).eq(s.labels).float().mean().item()
         out["chance/classify_acc"] = 1.0 / s.classes.shape[0]
-        if data is not None:
-            b = {"x": data.b_x, "y": data.b_y}
+        if b is not None:
             items_there = _pivot(s.items, b[other], b[s.classes_space], chunk_size)  # item → nearest B → other space
             out["pivot/classify_acc"] = (items_there @ s.classes.T).argmax(1).eq(s.labels).float().mean().item()
     return out
