@@ -9,6 +9,7 @@ import torch.multiprocessing as mp
 
 from polyalign import distributed
 from polyalign.config import LossConfig, load_config
+from polyalign.errors import PolyalignError
 from polyalign.model import build_model
 from polyalign.objective import Objective
 
@@ -68,3 +69,14 @@ def test_single_process_helpers_are_identities():
     assert distributed.all_gather_with_grad(x) is x and distributed.world_size() == 1
     out = {"image_emb": x}
     assert distributed.gather_embeddings(out) is out
+
+
+def test_collective_timeout_from_environment(monkeypatch):
+    monkeypatch.delenv("POLYALIGN_DIST_TIMEOUT_S", raising=False)
+    assert distributed._timeout_from_env() == {}
+    monkeypatch.setenv("POLYALIGN_DIST_TIMEOUT_S", "90")
+    assert distributed._timeout_from_env()["timeout"].total_seconds() == 90
+    for bad in ("ten", "0", "-5", "nan"):
+        monkeypatch.setenv("POLYALIGN_DIST_TIMEOUT_S", bad)
+        with pytest.raises(PolyalignError, match="POLYALIGN_DIST_TIMEOUT_S must be a positive number"):
+            distributed._timeout_from_env()

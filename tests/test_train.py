@@ -1,4 +1,5 @@
 """End-to-end training: loss falls, exact resume after SIGKILL, NaN handling, manifests with bad rows, CLI errors."""
+import contextlib
 import json
 import os
 import signal
@@ -53,9 +54,51 @@ def _cli(tmp_path, out, overrides, resume=False, nproc=1):
     launcher = [sys.executable, "-m", "polyalign"] if nproc == 1 else \
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "-m", "polyalign"]
     cmd = [*launcher, "train", str(cfg), *overrides, "--out", str(out)]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "POLYALIGN_DIST_TIMEOUT_S": "120"}  # a stuck collective fails
     return subprocess.Popen(cmd + (["--resume"] if resume else []), env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def _tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (torchrun starts each worker in its own session: killpg misses them)."""
+    rows = subprocess.run(["ps", "-e", "-o", "pid=,ppid="], capture_output=True, text=True).stdout.split("\n")
+    children: dict[int, list[int]] = {}
+    for row in rows:
+        if row.strip():
+            child, parent = map(int, row.split())
+            children.setdefault(parent, []).append(child)
+    out, todo = [], [pid]
+    while todo:
+        out.append(todo.pop())
+        todo += children.get(out[-1], [])
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state not in ("Z", "X")  # a zombie (dead, not yet reaped) counts as dead
+
+
+def _finish(proc: subprocess.Popen, timeout: float = 300) -> None:
+    """Wait for a CLI run and require success; past ``timeout``, print every process's Python stacks (the CLI
+    dumps them on SIGUSR1), kill the tree and fail with its stderr, instead of a bare TimeoutExpired."""
+    try:
+        rc = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        tree = _tree(proc.pid)
+        for pid in tree:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGUSR1)
+        time.sleep(3)
+        for pid in tree:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        proc.wait()
+        pytest.fail(f"run still going after {timeout} s; stacks and stderr:\n{proc.stderr.read()}")
+    assert rc == 0, proc.stderr.read()
 
 
 # every MCT term on, image–image in MoCo mode: momentum encoder and queue must resume (and gather under DDP)
@@ -77,21 +120,27 @@ def test_resume_after_sigkill_is_exact(tmp_path, tiny_overrides, nproc, extra):
     over = tiny_overrides + extra + ["train.max_steps=48", "train.checkpoint_every=10", "data.num_workers=1",
                                      "model.image.dropout=0.1", "model.text.dropout=0.1"]  # dropout: RNG state must resume
     full = _cli(tmp_path, tmp_path / "full", over, nproc=nproc)
-    assert full.wait(timeout=300) == 0, full.stderr.read()
+    _finish(full)
 
     killed = _cli(tmp_path, tmp_path / "killed", over, nproc=nproc)
     log = tmp_path / "killed" / "log.jsonl"
     deadline = time.time() + 240
     while time.time() < deadline:  # kill mid-epoch, between checkpoints (epoch = 8 steps)
         if log.exists() and any(r[0] >= 25 for r in losses_of(tmp_path / "killed")):
-            os.killpg(killed.pid, signal.SIGKILL)  # torchrun and its workers alike
+            tree = _tree(killed.pid)
+            os.killpg(killed.pid, signal.SIGKILL)  # the CLI (torchrun: the launcher alone, workers have own sessions)
             break
         time.sleep(0.005)
     assert killed.wait(timeout=60) == -signal.SIGKILL
+    # torchrun's workers die with their launcher instead of training on as orphans in the run directory
+    deadline = time.time() + 20
+    while any(map(_alive, tree)) and time.time() < deadline:
+        time.sleep(0.05)
+    assert not any(map(_alive, tree)), "processes of the killed run are still alive"
     assert find_checkpoint(tmp_path / "killed" / "checkpoints") in (20, 30)
 
     resumed = _cli(tmp_path, tmp_path / "killed", over, resume=True, nproc=nproc)
-    assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
+    _finish(resumed)
     assert losses_of(tmp_path / "killed") == losses_of(tmp_path / "full")
     a = load_weights(tmp_path / "full" / "checkpoints", 48)
     b = load_weights(tmp_path / "killed" / "checkpoints", 48)
@@ -113,7 +162,7 @@ def test_torchrun_two_processes_follow_the_one_process_run(tmp_path, tiny_overri
     over = tiny_overrides + extra + ["eval.n_examples=0"]
     runs = {n: _cli(tmp_path, tmp_path / f"p{n}", over, nproc=n) for n in (1, 2)}
     for proc in runs.values():
-        assert proc.wait(timeout=300) == 0, proc.stderr.read()
+        _finish(proc)
     one, two = losses_of(tmp_path / "p1"), losses_of(tmp_path / "p2")
     assert [r[0] for r in one] == [r[0] for r in two] and len(one) == 15  # 12 steps + 3 validation rows
     for a, b in zip(one, two):
@@ -172,3 +221,19 @@ def test_cli_bad_key_exits_2_without_traceback(tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 2
     assert "train.max_stesp" in p.stderr and "train.max_steps" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_sigusr1_prints_where_a_running_cli_is(tmp_path, tiny_overrides):
+    """`kill -USR1 PID` on a run that seems stuck prints its Python stacks to stderr, and the run goes on."""
+    proc = _cli(tmp_path, tmp_path / "run", tiny_overrides + ["train.max_steps=100000", "data.val_size=0"])
+    log = tmp_path / "run" / "log.jsonl"
+    deadline = time.time() + 120
+    while not (log.exists() and log.read_text()) and time.time() < deadline:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGUSR1)
+    time.sleep(1.0)
+    assert proc.poll() is None  # still training
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    err = proc.stderr.read()
+    assert "Current thread" in err and "loop.py" in err, err[-2000:]

@@ -14,8 +14,10 @@
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -304,8 +306,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _stacks_on_sigusr1() -> None:
+    """``kill -USR1 PID`` prints every thread's stack to stderr: where is a run that seems stuck (e.g. a rank
+    waiting in a collective)? Skipped where there is no SIGUSR1 or stderr is not a real file (captured output)."""
+    if not hasattr(signal, "SIGUSR1"):
+        return
+    try:
+        faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)
+    except (AttributeError, ValueError, OSError):  # io.UnsupportedOperation is an OSError
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _stacks_on_sigusr1()
     try:
         return args.func(args)
     except PolyalignError as e:

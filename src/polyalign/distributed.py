@@ -4,11 +4,17 @@ Losses stay pure functions: the trainer gathers embeddings here and hands the ga
 """
 from __future__ import annotations
 
+import datetime
+import math
 import os
+import signal
+import sys
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from .errors import PolyalignError
 
 
 def world_size() -> int:
@@ -27,14 +33,50 @@ def init_from_env() -> torch.device:
     """Join the process group torchrun describes (``WORLD_SIZE``/``RANK``/``LOCAL_RANK``): NCCL on GPU, gloo on CPU.
 
     Returns this process's device. Without torchrun's variables (or with one process) nothing is initialised.
+    ``POLYALIGN_DIST_TIMEOUT_S`` (seconds) bounds how long a rank waits in a collective before it fails with an
+    error naming it (torch's default otherwise: 30 min on gloo, 10 min on NCCL).
     """
     local = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
     if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
+        _die_with_launcher()
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", **_timeout_from_env())
     return device
+
+
+def _timeout_from_env() -> dict:
+    raw = os.environ.get("POLYALIGN_DIST_TIMEOUT_S", "").strip()
+    if not raw:
+        return {}
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = math.nan
+    if not seconds > 0:
+        raise PolyalignError(f"POLYALIGN_DIST_TIMEOUT_S must be a positive number of seconds, got {raw!r}")
+    return {"timeout": datetime.timedelta(seconds=seconds)}
+
+
+def _die_with_launcher() -> None:
+    """Under torchrun, end this worker when its launcher dies (Linux).
+
+    torchrun starts each worker in its own session, so a SIGKILL of torchrun (an OOM kill, ``kill -9``) leaves the
+    workers training on as orphans, still writing log rows and checkpoints into the run directory while the user
+    resumes it. A parent-death signal makes a killed launcher a killed run, which ``--resume`` continues exactly.
+    """
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    launcher = os.getppid()
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        return  # no prctl (unusual libc): keep torchrun's own behaviour
+    if os.getppid() != launcher:  # the launcher died before the signal was armed
+        os._exit(1)
 
 
 def shutdown() -> None:
