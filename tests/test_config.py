@@ -50,3 +50,30 @@ def test_objective_rejects_unknown_and_all_zero_terms():
     with pytest.raises(ConfigError, match="weight 0"):
         Objective({"clip": 0.0})
     assert Config().loss.weights == {"clip": 1.0}
+
+
+def test_key_machinery_knows_no_schema_of_its_own():
+    """config_tree sets keys of any dataclass tree: a key spelled like a training choice (``train.precision``) is
+    checked by the tree that owns it, not by the training config's choices."""
+    from dataclasses import dataclass, field
+
+    from polyalign.config_tree import check_choices, flat_items, get_key, set_key
+
+    @dataclass
+    class Train:
+        precision: str = "fp32"
+        steps: int = 1
+
+    @dataclass
+    class Tree:
+        train: Train = field(default_factory=Train)
+
+    tree = Tree()
+    set_key(tree, "train.precision", "fp16")  # not a training-config choice, fine for this tree
+    set_key(tree, "train.steps", 3.0)
+    assert get_key(tree, "train.precision") == "fp16" and flat_items(tree) == {"train.precision": "fp16", "train.steps": 3}
+    with pytest.raises(ConfigError, match="train.precision.*fp32, fp16"):
+        set_key(tree, "train.precision", "int8")
+        check_choices(tree, {"train.precision": ("fp32", "fp16")})
+    with pytest.raises(ConfigError, match="did you mean train.steps"):
+        set_key(tree, "train.stesp", 2)

@@ -1,18 +1,18 @@
-"""Typed configuration: one dataclass tree holds every default; YAML files and ``a.b=c`` overrides change it.
+"""The training configuration: one dataclass tree holds every default; YAML recipes (with ``base:``) and ``a.b=c``
+overrides change it; ``validate`` checks what a single key's type cannot express.
 
-Unknown keys and ill-typed values raise :class:`ConfigError` naming the key and its closest valid spellings.
+Setting keys (types, unknown-key hints) is the job of :mod:`polyalign.config_tree`, shared with ``polyalign connect``.
 """
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
 from .albef import FusionConfig, check_fusion_config
+from .config_tree import check_choices, parse_override, read_yaml_mapping, set_key, to_dict
 from .data.augment import AugmentConfig, check_augment_config
 from .errors import ConfigError
 
@@ -219,128 +219,6 @@ FUSION_TERMS = ("itc", "itm", "mlm")  # loss terms of the fusion model (model.fu
 IMAGE_TEXT_TERMS = ("image_image", "text_text", "tags", "fdt") + FUSION_TERMS  # loss terms that exist for image–text models only
 
 
-def _fields(obj) -> dict[str, dataclasses.Field]:
-    return {f.name: f for f in dataclasses.fields(obj)}
-
-
-def flat_items(obj, prefix="") -> dict[str, object]:
-    """Every leaf of the config tree as ``{"dotted.key": value}``."""
-    out = {}
-    for name in _fields(obj):
-        value = getattr(obj, name)
-        if dataclasses.is_dataclass(value):
-            out.update(flat_items(value, f"{prefix}{name}."))
-        else:
-            out[prefix + name] = value
-    return out
-
-
-def _unknown(cfg: Config, key: str) -> ConfigError:
-    close = difflib.get_close_matches(key, list(flat_items(cfg)), n=3, cutoff=0.5)
-    hint = f"; did you mean {', '.join(close)}?" if close else ""
-    return ConfigError(f"unknown config key '{key}'{hint}")
-
-
-def _coerce(key: str, value, typ):
-    """Check ``value`` against the annotation ``typ`` and convert where it is safe (int → float, list → tuple)."""
-    origin = typing.get_origin(typ)
-    bad = ConfigError(f"config key '{key}' expects {getattr(typ, '__name__', str(typ))}, got {value!r}")
-    if typ is float:
-        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
-            try:
-                value = float(value)
-            except ValueError:
-                raise bad from None
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise bad
-        return float(value)
-    if typ is int:
-        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
-            raise bad
-        return int(value)
-    if typ is bool:
-        if not isinstance(value, bool):
-            raise bad
-        return value
-    if typ is str:
-        if value is None:
-            return ""
-        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise bad
-        return str(value)
-    if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise bad
-        args = typing.get_args(typ)
-        if origin is tuple:
-            if len(value) != len(args):
-                raise bad
-            return tuple(_coerce(key, v, t) for v, t in zip(value, args))
-        return [_coerce(key, v, args[0]) for v in value]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise bad
-        kt, vt = typing.get_args(typ)
-        return {_coerce(key, k, kt): _coerce(f"{key}.{k}", v, vt) for k, v in value.items()}
-    return value
-
-
-def set_key(cfg: Config, key: str, value) -> None:
-    """Set a dotted key (``train.batch_size``) with type checking; dict-valued fields accept sub-keys."""
-    parts = key.split(".")
-    node = cfg
-    hints_of = lambda obj: typing.get_type_hints(type(obj))  # noqa: E731
-    for i, part in enumerate(parts):
-        if not dataclasses.is_dataclass(node) or part not in _fields(node):
-            raise _unknown(cfg, key)
-        typ = hints_of(node)[part]
-        current = getattr(node, part)
-        last = i == len(parts) - 1
-        if last:
-            if dataclasses.is_dataclass(current):
-                if not isinstance(value, dict):
-                    raise ConfigError(f"config key '{key}' is a section; give it a mapping")
-                for k, v in value.items():
-                    set_key(cfg, f"{key}.{k}", v)
-                return
-            setattr(node, part, _coerce(key, value, typ))
-        elif typing.get_origin(typ) is dict and i == len(parts) - 2:
-            _, vt = typing.get_args(typ)
-            current = dict(current)
-            current[parts[-1]] = _coerce(key, value, vt)
-            setattr(node, part, current)
-            return
-        node = current
-    if key in CHOICES and value not in CHOICES[key]:
-        raise ConfigError(f"config key '{key}' must be one of {', '.join(CHOICES[key])}, got {value!r}")
-
-
-def parse_override(text: str) -> tuple[str, object]:
-    """Parse ``a.b=c``; the value is read as YAML (``3`` → int, ``[1,2]`` → list, ``bf16`` → str)."""
-    if "=" not in text:
-        raise ConfigError(f"override '{text}' is not of the form key=value")
-    key, raw = text.split("=", 1)
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
-    return key.strip(), value
-
-
-def read_yaml_mapping(path: Path, what: str = "") -> dict:
-    """The top-level mapping of a YAML config file, or a ``ConfigError`` (missing, invalid YAML, not a mapping);
-    ``what`` adds context to the not-found message."""
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}" + (f" ({what})" if what else ""))
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must hold a mapping at the top level")
-    return data
-
-
 def _apply_file(cfg: Config, path: Path, chain: list[Path]) -> None:
     """Set the keys of a YAML recipe; a top-level ``base: other.yaml`` (relative to the file) is applied first."""
     if path.resolve() in chain:
@@ -366,13 +244,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
 
 def validate(cfg: Config) -> None:
     """Cross-field checks that a single key's type cannot express."""
-    for key, choices in CHOICES.items():
-        section, *rest = key.split(".")
-        value = getattr(cfg, section)
-        for part in rest:
-            value = getattr(value, part)
-        if value not in choices:
-            raise ConfigError(f"config key '{key}' must be one of {', '.join(choices)}, got {value!r}")
+    check_choices(cfg, CHOICES)
     positive = {"train.batch_size": cfg.train.batch_size, "train.max_steps": cfg.train.max_steps,
                 "train.log_every": cfg.train.log_every, "data.image_size": cfg.data.image_size,
                 "model.embed_dim": cfg.model.embed_dim}
@@ -450,19 +322,6 @@ def _check_fdt(f: FdtConfig) -> None:
     lo, hi = f.logit_scale_range
     if not 0 < lo <= hi:
         raise ConfigError(f"model.fdt.logit_scale_range must be (low, high) with 0 < low <= high, got {(lo, hi)}")
-
-
-def to_dict(cfg) -> dict:
-    """The config as plain YAML-able data (tuples become lists)."""
-    def conv(v):
-        if isinstance(v, tuple):
-            return list(v)
-        if isinstance(v, dict):
-            return {k: conv(x) for k, x in v.items()}
-        if isinstance(v, list):
-            return [conv(x) for x in v]
-        return v
-    return conv(dataclasses.asdict(cfg))
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

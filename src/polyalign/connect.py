@@ -30,7 +30,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .config import to_dict
+from .config_tree import to_dict
 from .connect_config import ConnectConfig, ConnectInputs, ConnectMethod, load_connect_config, validate_connect
 from .errors import ConfigError, DataError, TrainingError
 from .data.embeddings import Log, check_embeddings, join_by_id, read_embeddings

@@ -7,14 +7,14 @@ A config (paths relative to the YAML file; absolute once loaded, so the copy sav
     method: {tau_memory: 0.01, noise_var: 0.004, intra_weight: 0.1}
     train: {batch_size: 4096, epochs: 36}
 
-The keys are disjoint from the training config's (``polyalign.config``), whose override parser they share.
+It shares the key machinery of :mod:`polyalign.config_tree` with the training config, not its keys or checks.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import parse_override, read_yaml_mapping, set_key
+from .config_tree import check_choices, get_key, parse_override, read_yaml_mapping, set_key
 from .errors import ConfigError
 from .heads.cmcr import PROJECTOR_KINDS
 
@@ -83,12 +83,6 @@ PATH_KEYS = ("inputs.b_x", "inputs.b_y", "inputs.memory_a", "inputs.memory_c", "
              "eval.classes", "eval.items", "eval.labels")
 
 
-def _get(cfg, key: str):
-    for part in key.split("."):
-        cfg = getattr(cfg, part)
-    return cfg
-
-
 def load_connect_config(path: str | Path | None = None, overrides: list[str] = ()) -> ConnectConfig:
     """Defaults ← YAML file ← ``a.b=c`` overrides, validated. Relative paths in the file are relative to the file;
     in overrides, to the working directory."""
@@ -98,33 +92,31 @@ def load_connect_config(path: str | Path | None = None, overrides: list[str] = (
         for key, value in read_yaml_mapping(path).items():
             set_key(cfg, str(key), value)
         for key in PATH_KEYS:
-            if _get(cfg, key):
-                set_key(cfg, key, str((path.parent / _get(cfg, key)).absolute()))
+            if get_key(cfg, key):
+                set_key(cfg, key, str((path.parent / get_key(cfg, key)).absolute()))
     for text in overrides:
         set_key(cfg, *parse_override(text))
     for key in PATH_KEYS:  # absolute, so the config saved with the run works from anywhere
-        if _get(cfg, key):
-            set_key(cfg, key, str(Path(_get(cfg, key)).absolute()))
+        if get_key(cfg, key):
+            set_key(cfg, key, str(Path(get_key(cfg, key)).absolute()))
     validate_connect(cfg)
     return cfg
 
 
 def validate_connect(cfg: ConnectConfig) -> None:
     """Choices, signs and the keys that must come together."""
-    for key, choices in CONNECT_CHOICES.items():
-        if _get(cfg, key) not in choices:
-            raise ConfigError(f"config key '{key}' must be one of {', '.join(choices)}, got {_get(cfg, key)!r}")
+    check_choices(cfg, CONNECT_CHOICES)
     positive = ("train.batch_size", "train.epochs", "train.lr", "train.log_every", "method.tau_memory",
                 "method.tau_native", "method.tau_pseudo", "method.query_chunk", "method.memory_chunk",
                 "eval.chunk_size")
     for key in positive:
-        if _get(cfg, key) <= 0:
-            raise ConfigError(f"config key '{key}' must be positive, got {_get(cfg, key)}")
+        if get_key(cfg, key) <= 0:
+            raise ConfigError(f"config key '{key}' must be positive, got {get_key(cfg, key)}")
     for key in ("method.noise_var", "method.intra_weight", "method.dim", "train.min_lr", "train.weight_decay"):
-        if _get(cfg, key) < 0:
-            raise ConfigError(f"config key '{key}' must be >= 0, got {_get(cfg, key)}")
+        if get_key(cfg, key) < 0:
+            raise ConfigError(f"config key '{key}' must be >= 0, got {get_key(cfg, key)}")
     if bool(cfg.eval.a_test) != bool(cfg.eval.c_test):
         raise ConfigError("retrieval evaluation needs both eval.a_test and eval.c_test (or neither)")
-    given = [k for k in ("eval.classes", "eval.items", "eval.labels") if _get(cfg, k)]
+    given = [k for k in ("eval.classes", "eval.items", "eval.labels") if get_key(cfg, k)]
     if given and len(given) != 3:
         raise ConfigError(f"classification needs eval.classes, eval.items and eval.labels; only {', '.join(given)} set")

@@ -12,7 +12,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..config import Config, flat_items, load_config, save_config
+from ..config import Config, load_config, save_config
+from ..config_tree import flat_items
 from ..data.build import build_datasets
 from ..data.loader import Collator, make_loader
 from .. import distributed as dist
