@@ -33,10 +33,11 @@ def _batch(seed: int, device) -> dict:
 
 
 def _case(switches: dict, device):
-    from polyalign.albef import FusionConfig, build_fusion_model
-    from polyalign.encoders.image import ViT
-    from polyalign.encoders.text import TextTransformer
-    from polyalign.losses.albef import itc_term, itm_term, mlm_term
+    from polyalign.config import FusionConfig
+    from polyalign.models.fusion import FusionModel
+    from polyalign.models.encoders.image import ViT
+    from polyalign.models.encoders.text import TextTransformer
+    from polyalign.losses.objective import itc_term, itm_term, mlm_term
 
     s = SIZES
     torch.manual_seed(0)
@@ -44,7 +45,7 @@ def _case(switches: dict, device):
                        queue_size=s["queue"], **switches)
     image = ViT(s["image_size"], s["patch"], s["width"], s["layers"], s["heads"])
     text = TextTransformer(s["vocab"], s["context"], s["width"], s["layers"], s["heads"])
-    model = build_fusion_model(image, text, cfg, s["vocab"], SPECIAL).to(device)
+    model = FusionModel(image, text, cfg, s["vocab"], SPECIAL).to(device)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
     def step(batch):

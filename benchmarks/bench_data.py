@@ -21,12 +21,12 @@ def bench_loader(steps: int, name: str = "demo (CLIP)", overrides: list[str] = (
     from polyalign.config import load_config
     from polyalign.data.build import build_datasets
     from polyalign.data.loader import make_loader
-    from polyalign.model import build_model
-    from polyalign.objective import Objective
+    from polyalign.models.build import build_model
+    from polyalign.losses.objective import Objective
     from polyalign.tokenizer import Tokenizer
-    from polyalign.train.loop import to_model_inputs
+    from polyalign.data.loader import to_model_inputs
 
-    from polyalign.runs import prepare_views
+    from polyalign.app.runs import prepare_views
 
     cfg = load_config(None, list(overrides))  # the demo recipe: default workers, batch, model
     datasets = build_datasets(cfg.data, 0, show_progress=False)
@@ -67,7 +67,8 @@ def bench_augment(n: int, size: int = 48) -> dict:
     """Augmented images/s with the SimCLR-like setting (crop, flip 0.5, blur 0.5) on one thread."""
     import numpy as np
 
-    from polyalign.data.augment import AugmentConfig, augment_image
+    from polyalign.config import AugmentConfig
+    from polyalign.data.augment import augment_image
 
     cfg = AugmentConfig(enabled=True, flip=0.5, blur=0.5)
     images = torch.randint(0, 256, (64, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))

@@ -20,7 +20,7 @@ RAM_FRACTION = 0.6  # the naive case is skipped when its (B, N, C) tensors would
 
 def fdt_case(impl: str, b: int, n: int, c: int, d: int, chunk: int, device: str, save: str) -> dict:
     """One grounding measurement in this process: ``r = max_n q[:, n] Fᵀ / sqrt(d)``, backward of ``Σ r·g``."""
-    from polyalign.heads.fdt import ground
+    from polyalign.models.heads.fdt import ground
 
     device = torch.device(device)
     gen = torch.Generator().manual_seed(0)

@@ -23,8 +23,8 @@ SIZES = {"image_size": 48, "patch": 8, "width": 256, "layers": 4, "heads": 4, "c
 
 def _our_clip(device):
     from polyalign.config import load_config
-    from polyalign.model import build_model
-    from polyalign.objective import Objective
+    from polyalign.models.build import build_model
+    from polyalign.losses.objective import Objective
 
     s = SIZES
     cfg = load_config(None, [
@@ -71,7 +71,7 @@ def _step_flops(model, loss_of, batch) -> float:
 
 def _our_clip_compiled(device):
     model, _ = _our_clip(device)
-    from polyalign.objective import Objective
+    from polyalign.losses.objective import Objective
 
     objective, forward = Objective({"clip": 1.0}), torch.compile(model)
     return model, lambda batch: objective(forward(batch))["loss"]

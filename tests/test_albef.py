@@ -10,15 +10,16 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from polyalign.albef import FusionConfig, build_fusion_model, check_fusion_config, ema_update, enqueue
-from polyalign.encoders.image import ConvNet, ViT
-from polyalign.encoders.text import TextTransformer
+from polyalign.config import FusionConfig, check_fusion_config
+from polyalign.models.fusion import FusionModel
+from polyalign.models.heads.momentum import ema_update, enqueue
+from polyalign.models.encoders.image import ConvNet, ViT
+from polyalign.models.encoders.text import TextTransformer
 from polyalign.errors import ConfigError
 from polyalign.eval.rerank import first_hit, itm_rerank_metrics
-from polyalign.heads.fusion import FusionEncoder
-from polyalign.heads.gradcam import apply_soft_mask, gradcam, pick_words, word_masks
-from polyalign.losses.albef import (itc_term, itm_term,
-                                    mlm_term)
+from polyalign.models.heads.fusion import FusionEncoder
+from polyalign.models.heads.gradcam import apply_soft_mask, gradcam, pick_words, word_masks
+from polyalign.losses.objective import itc_term, itm_term, mlm_term
 
 SPECIAL = {"[PAD]": 0, "[UNK]": 1, "[CLS]": 2, "[SEP]": 3, "[MASK]": 4}
 VOCAB, SIZE = 40, 16
@@ -40,12 +41,12 @@ def tiny_model(image="vit", image_width=32, **kw):
     torch.manual_seed(0)
     kw = {"fusion_layers": 2, "fusion_heads": 2, "embed_dim": 16, "queue_size": 8, "alpha_ramp_steps": 2, **kw}
     enc = ViT(SIZE, 8, image_width, 1, 2) if image == "vit" else ConvNet(image_width, 2)
-    return build_fusion_model(enc, TextTransformer(VOCAB, 12, 32, 1, 2), FusionConfig(**kw), VOCAB, SPECIAL)
+    return FusionModel(enc, TextTransformer(VOCAB, 12, 32, 1, 2), FusionConfig(**kw), VOCAB, SPECIAL)
 
 
 def total_loss(out):
     return sum(term(out, None) for term, key in ((itc_term, "itc_image"), (itm_term, "itm_logits"),
-                                                  (mlm_term, "mlm_logits")) if key in out)
+                                                  (mlm_term, "mlm_logits")) if getattr(out, key) is not None)
 
 
 # --- Grad-CAM and soft masks ---
@@ -145,8 +146,8 @@ def test_model_enqueues_the_steps_momentum_features():
     model = tiny_model()
     out = model(tiny_batch())
     model.after_step(out)
-    assert torch.allclose(model.image_queue[:6], out["momentum_image_emb"])
-    assert torch.allclose(model.text_queue[:6], out["momentum_text_emb"])
+    assert torch.allclose(model.image_queue[:6], out.momentum_image_emb)
+    assert torch.allclose(model.text_queue[:6], out.momentum_text_emb)
     assert model.index_queue.tolist() == [0, 1, 2, 3, 4, 5, -1, -1] and int(model.queue_ptr) == 6
 
 
@@ -160,7 +161,7 @@ def test_forward_backward_is_finite_for_every_switch(soft_mask, focal_gamma, tex
         losses = [itc_term(out, None), itm_term(out, None), mlm_term(out, None)]
         assert all(torch.isfinite(x) for x in losses)
         sum(losses).backward()
-        assert out["itm_logits"].shape[0] == (4 if soft_mask else 3) * 6
+        assert out.itm_logits.shape[0] == (4 if soft_mask else 3) * 6
         grads = [p.grad for p in model.parameters() if p.requires_grad]
         assert all(g is not None and torch.isfinite(g).all() for g in grads)
         model.after_step(out)
@@ -175,7 +176,7 @@ def test_other_encoders_and_subsets_of_losses(kw):
     out = model(tiny_batch())
     loss = total_loss(out)
     loss.backward()
-    assert torch.isfinite(loss) and ("itc_image" in out) == bool(model.cfg.itc_weight)
+    assert torch.isfinite(loss) and (out.itc_image is not None) == bool(model.cfg.itc_weight)
     assert (model.mlm_head is None) == (not model.cfg.mlm_weight) and model.clip_on == bool(model.cfg.itc_weight)
     model.after_step(out)
 
@@ -184,8 +185,8 @@ def test_eval_forward_without_grad_keeps_the_soft_mask_pairs():
     model = tiny_model(soft_mask=True).eval()
     with torch.no_grad():
         out = model(tiny_batch())
-    assert out["itm_logits"].shape == (24, 2) and torch.isfinite(total_loss(out))
-    assert (out["index_queue"] == -1).all()  # the queue's (training) ids are not compared with another split's
+    assert out.itm_logits.shape == (24, 2) and torch.isfinite(total_loss(out))
+    assert (out.index_queue == -1).all()  # the queue's (training) ids are not compared with another split's
 
 
 def test_state_dict_round_trip_holds_queues_and_momentum():
@@ -206,8 +207,8 @@ def test_state_dict_round_trip_holds_queues_and_momentum():
     torch.manual_seed(11)
     b = fresh(tiny_batch(seed=9))
     for key in ("itc_image", "momentum_text_emb", "text_queue", "itm_logits", "mlm_logits"):
-        assert torch.equal(a[key], b[key])
-    assert a["itc_alpha"] == b["itc_alpha"] > 0
+        assert torch.equal(getattr(a, key), getattr(b, key))
+    assert a.itc_alpha == b.itc_alpha > 0
 
 
 def test_config_checks():
@@ -290,7 +291,7 @@ def test_gradcam_at_the_last_fusion_layer_is_zero_for_every_word():
 
 
 def test_eval_forward_is_deterministic_and_leaves_the_global_rng_alone():
-    from polyalign.heads.gradcam import itm_gradcam
+    from polyalign.models.heads.gradcam import itm_gradcam
 
     model = tiny_model(soft_mask=True).eval()
     batch = tiny_batch()
@@ -298,14 +299,14 @@ def test_eval_forward_is_deterministic_and_leaves_the_global_rng_alone():
     with torch.no_grad():
         a, b = model(batch), model(batch)
     assert torch.equal(torch.get_rng_state(), state)  # a validation pass mid-training keeps resumes exact
-    assert torch.equal(a["itm_logits"], b["itm_logits"]) and torch.equal(a["mlm_labels"], b["mlm_labels"])
+    assert torch.equal(a.itm_logits, b.itm_logits) and torch.equal(a.mlm_labels, b.mlm_labels)
     maps = itm_gradcam(model, batch["image"], batch["text"], batch["text_mask"])
     assert maps.shape == (6, 10, 4) and (maps[~batch["text_mask"]] == 0).all()
 
 
 def test_word_gradcam_picture(tmp_path):
-    from polyalign.eval.gradcam_plot import plot_word_gradcam, upsample_map
-    from polyalign.heads.gradcam import itm_gradcam
+    from polyalign.app.gradcam_plot import plot_word_gradcam, upsample_map
+    from polyalign.models.heads.gradcam import itm_gradcam
 
     up = upsample_map(torch.tensor([0.0, 1.0, 2.0, 3.0]), (8, 8))
     assert up.shape == (8, 8) and up.min() == 0 and up.max() == 1

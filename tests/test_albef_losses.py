@@ -1,4 +1,4 @@
-"""The fusion model's pure loss functions (losses/albef.py, arXiv 2107.07651 and 2304.00719): focal ITC against
+"""The fusion model's pure loss functions (losses/fusion.py, arXiv 2107.07651 and 2304.00719): focal ITC against
 plain ITC and its closed form, distillation targets, hard-negative sampling and MLM masking statistics."""
 import math
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from polyalign.losses.albef import (IGNORE, focal_soft_cross_entropy, itc_loss, itc_positives, mask_tokens,
-                                    sample_hard_negatives)
+from polyalign.losses.fusion import focal_soft_cross_entropy, itc_loss, itc_positives
+from polyalign.models.sampling import IGNORE, mask_tokens, sample_hard_negatives
 from polyalign.losses.contrastive import info_nce
 
 SPECIAL = {"[PAD]": 0, "[UNK]": 1, "[CLS]": 2, "[SEP]": 3, "[MASK]": 4}

@@ -12,7 +12,7 @@ from polyalign.data import audio
 from polyalign.data.audio import (AudioAugment, PITCHES, ShapesAudio, SpeechManifest, augment_audio, load_wav,
                                   pad_audio, scene_sound)
 from polyalign.data.shapes import COLOURS, ShapesDataset
-from polyalign.encoders.audio import AudioCNN, LogMel, mel_filterbank
+from polyalign.models.encoders.audio import AudioCNN, LogMel, mel_filterbank
 from polyalign.errors import DataError
 
 SR = 16000

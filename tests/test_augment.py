@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from polyalign.data.augment import LUMA, AugmentConfig, augment_image, check_augment_config
+from polyalign.config import AugmentConfig, check_augment_config
+from polyalign.data.augment import LUMA, augment_image
 from polyalign.errors import ConfigError
 
 FIXED = {"enabled": True, "crop_scale": (1.0, 1.0), "crop_ratio": (1.0, 1.0), "flip": 0.0}  # no crop, no flip

@@ -1,8 +1,9 @@
 import pytest
+from pathlib import Path
 
 from polyalign.config import Config, load_config, parse_override, save_config
 from polyalign.errors import ConfigError
-from polyalign.objective import Objective
+from polyalign.losses.objective import Objective
 
 
 def test_defaults_and_overrides():
@@ -57,7 +58,7 @@ def test_key_machinery_knows_no_schema_of_its_own():
     checked by the tree that owns it, not by the training config's choices."""
     from dataclasses import dataclass, field
 
-    from polyalign.config_tree import check_choices, flat_items, get_key, set_key
+    from polyalign.config.tree import check_choices, flat_items, get_key, set_key
 
     @dataclass
     class Train:
@@ -77,3 +78,23 @@ def test_key_machinery_knows_no_schema_of_its_own():
         check_choices(tree, {"train.precision": ("fp32", "fp16")})
     with pytest.raises(ConfigError, match="did you mean train.steps"):
         set_key(tree, "train.stesp", 2)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("loss.weights.clipp=1", "did you mean clip"),
+    ("loss.weights.image_image=1", "needs data.augment.enabled=true"),
+    ("data.points_augment=true", "applies to data.name=shapes3d"),
+    ("model.text.kind=hf", "not a HF-format model directory"),
+])
+def test_config_errors_come_before_any_work(override, message):
+    """A bad key exits 2 with its message before torch, data or models are even imported."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from polyalign.cli import main; rc = main(['train', 'configs/shapes-clip.yaml', "
+            f"{override!r}, '--out', 'runs/never']); print('torch' in sys.modules); sys.exit(rc)")
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    assert proc.stdout.strip() == "False"  # nothing heavy was loaded: no dataset, tokenizer or model was built
+    assert not (root / "runs" / "never").exists()

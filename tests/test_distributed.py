@@ -10,8 +10,8 @@ import torch.multiprocessing as mp
 from polyalign import distributed
 from polyalign.config import LossConfig, load_config
 from polyalign.errors import PolyalignError
-from polyalign.model import build_model
-from polyalign.objective import Objective
+from polyalign.models.build import build_model
+from polyalign.losses.objective import Objective
 
 WORLD, BATCH = 2, 16
 

@@ -12,10 +12,11 @@ import torch.nn.functional as F
 from polyalign import distributed
 from polyalign.config import Config, load_config, set_key
 from polyalign.errors import ConfigError
-from polyalign.heads.fdt import FDTHead, ground, relevance, sparsemax
+from polyalign.models.heads.fdt import FDTHead, ground, relevance, sparsemax
 from polyalign.losses.contrastive import info_nce
-from polyalign.model import build_model
-from polyalign.objective import Objective, fdt_term
+from polyalign.models.build import build_model
+from polyalign.losses.objective import Objective, fdt_term
+from polyalign.models.outputs import DualOutput
 
 
 def simplex_projection(x: torch.Tensor, iters: int = 200) -> torch.Tensor:
@@ -172,8 +173,8 @@ def test_model_trains_and_evaluates_with_fdt_embeddings(weights, extra):
     out = model(batch)
     losses = objective(out)
     assert set(losses) == {f"{k}_loss" for k in weights} | {"loss"} and torch.isfinite(losses["loss"])
-    assert ("image_emb" in out) == ("clip" in weights)
-    assert 1 <= out["stat/fdt_image_active"].item() <= 32 and 1 <= out["stat/fdt_text_active"].item() <= 32
+    assert (out.first_emb is not None) == ("clip" in weights)
+    assert 1 <= out.stats["fdt_image_active"].item() <= 32 and 1 <= out.stats["fdt_text_active"].item() <= 32
     losses["loss"].backward()
     unused = {n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0}
     if "clip" in weights:
@@ -194,7 +195,7 @@ def test_model_trains_and_evaluates_with_fdt_embeddings(weights, extra):
     assert zi.shape == zt.shape == (6, 16)
     assert torch.allclose(zi.norm(dim=-1), torch.ones(6), atol=1e-5)
     assert torch.allclose(zt.norm(dim=-1), torch.ones(6), atol=1e-5)
-    assert torch.allclose(zi, again["fdt_image_emb"], atol=1e-6) and torch.allclose(zt, again["fdt_text_emb"], atol=1e-6)
+    assert torch.allclose(zi, again.fdt_image_emb, atol=1e-6) and torch.allclose(zt, again.fdt_text_emb, atol=1e-6)
     assert torch.allclose(wi.sum(-1), torch.ones(6), atol=1e-5) and wt.shape == (6, 32)
 
 
@@ -203,14 +204,15 @@ def test_fdt_logit_scale_is_kept_in_range_so_it_never_freezes():
     with torch.no_grad():
         model.fdt.logit_scale.fill_(1.0)  # an optimiser step took it below ln 20
     assert model.fdt.scale().item() == pytest.approx(20.0)
-    model.after_step({})
+    model.after_step(DualOutput())
     objective(model(batch))["loss"].backward()
     assert model.fdt.logit_scale.grad.abs() > 0 and model.fdt.scale().item() == pytest.approx(20.0)
 
 
 def test_no_fdt_head_without_the_term():
     model, _, batch = _setup({"clip": 1})
-    assert model.fdt is None and not any(k.startswith(("fdt", "stat/")) for k in model(batch))
+    out = model(batch)
+    assert model.fdt is None and not any(k.startswith("fdt") for k in out.fields_set()) and not out.stats
 
 
 def test_fdt_local_shares_average_to_the_global_loss():
@@ -219,10 +221,11 @@ def test_fdt_local_shares_average_to_the_global_loss():
     scale = torch.tensor(20.0)
     want = info_nce(a, b, scale)
     cfg = Objective({"fdt": 1}).cfg
-    shares = [fdt_term({"fdt_image_emb": a[s:s + 4], "fdt_text_emb": b[s:s + 4], "fdt_image_emb_all": a,
-                        "fdt_text_emb_all": b, "fdt_logit_scale": scale, "rank_offset": s}, cfg) for s in (0, 4)]
+    shares = [fdt_term(DualOutput(fdt_image_emb=a[s:s + 4], fdt_text_emb=b[s:s + 4], fdt_logit_scale=scale,
+                                  gathered=DualOutput(fdt_image_emb=a, fdt_text_emb=b), rank_offset=s), cfg)
+              for s in (0, 4)]
     assert torch.allclose(sum(shares) / 2, want, atol=1e-6)
-    assert torch.allclose(fdt_term({"fdt_image_emb": a, "fdt_text_emb": b, "fdt_logit_scale": scale}, cfg), want)
+    assert torch.allclose(fdt_term(DualOutput(fdt_image_emb=a, fdt_text_emb=b, fdt_logit_scale=scale), cfg), want)
 
 
 WORLD = 2
@@ -286,7 +289,7 @@ def test_fdt_config_reaches_the_head():
 
 
 def test_training_log_has_the_sparsity(tmp_path, tiny_overrides):
-    from polyalign.train.loop import train
+    from polyalign.app.training import train
 
     over = tiny_overrides + ["loss.weights.fdt=1", "loss.weights.clip=0", "train.max_steps=2",
                              "train.checkpoint_every=2", "eval.n_examples=0", "model.fdt.codebook_size=64"]
@@ -302,7 +305,7 @@ def test_training_log_has_the_sparsity(tmp_path, tiny_overrides):
 @pytest.mark.parametrize("kind", ["cnn", "vit"])
 def test_inspect_fdt_report(tmp_path, tiny_overrides, kind):
     from polyalign.cli import main
-    from polyalign.train.loop import train
+    from polyalign.app.training import train
 
     over = tiny_overrides + ["loss.weights.fdt=1", "loss.weights.clip=0", "train.max_steps=2", f"model.image.kind={kind}",
                              "train.checkpoint_every=2", "eval.n_examples=0", "model.fdt.codebook_size=64",
@@ -327,7 +330,7 @@ def test_inspect_fdt_report(tmp_path, tiny_overrides, kind):
 
 def test_inspect_fdt_needs_an_fdt_run(tmp_path, tiny_overrides):
     from polyalign.cli import main
-    from polyalign.train.loop import train
+    from polyalign.app.training import train
 
     train(load_config(None, tiny_overrides + ["train.max_steps=2", "train.checkpoint_every=2", "eval.n_examples=0"]),
           tmp_path / "run", show_progress=False)

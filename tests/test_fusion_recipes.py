@@ -7,7 +7,7 @@ import pytest
 from polyalign.cli import main
 from polyalign.config import load_config
 from polyalign.errors import ConfigError
-from polyalign.train.loop import train
+from polyalign.app.training import train
 
 
 FUSION_RUN = ["loss.weights.clip=0", "loss.weights.itc=1", "loss.weights.itm=1", "loss.weights.mlm=1",

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from polyalign.losses.contrastive import info_nce
+from polyalign.models.outputs import DualOutput
 
 
 def naive_info_nce(a, b, scale):
@@ -80,11 +81,11 @@ def test_tiled_cross_entropy_with_offset_equals_dense_rows():
 
 def test_tiled_loss_is_selected_by_config():
     from polyalign.config import LossConfig
-    from polyalign.objective import Objective
+    from polyalign.losses.objective import Objective
 
     g = torch.Generator().manual_seed(2)
-    out = {"image_emb": F.normalize(torch.randn(20, 8, generator=g), dim=1),
-           "text_emb": F.normalize(torch.randn(20, 8, generator=g), dim=1), "logit_scale": torch.tensor(5.0)}
+    out = DualOutput(first_emb=F.normalize(torch.randn(20, 8, generator=g), dim=1),
+                     second_emb=F.normalize(torch.randn(20, 8, generator=g), dim=1), logit_scale=torch.tensor(5.0))
     dense = Objective(LossConfig())(out)["loss"]
     tiled = Objective(LossConfig(contrastive="tiled", tile=3))(out)["loss"]
     assert torch.allclose(dense, tiled, atol=1e-6)
@@ -92,7 +93,7 @@ def test_tiled_loss_is_selected_by_config():
 
 def _vit_model(dropout):
     from polyalign.config import load_config
-    from polyalign.model import build_model
+    from polyalign.models.build import build_model
 
     cfg = load_config(None, ["model.image.kind=vit", "model.image.width=16", "model.image.layers=1",
                              "model.image.heads=2", "model.image.patch_size=4", "data.image_size=8",
@@ -106,7 +107,7 @@ def _vit_model(dropout):
 def test_grad_cache_gives_the_big_batch_gradients_with_dropout(chunk):
     """Reference: one graph over the whole batch whose dropout masks are drawn sub-batch by sub-batch from the
     same RNG states; grad cache must match it, and without dropout it matches the plain big batch."""
-    from polyalign.objective import Objective
+    from polyalign.losses.objective import Objective
     from polyalign.train.gradcache import grad_cache_step
 
     g = torch.Generator().manual_seed(3)
@@ -120,8 +121,8 @@ def test_grad_cache_gives_the_big_batch_gradients_with_dropout(chunk):
     model = _vit_model(0.2).train()
     torch.manual_seed(7)
     outs = [model({k: v[s : s + chunk] for k, v in batch.items()}) for s in range(0, 12, chunk)]
-    full = {k: torch.cat([o[k] for o in outs]) for k in ("image_emb", "text_emb")}
-    want_loss = objective({**full, "logit_scale": outs[0]["logit_scale"]})["loss"]
+    full = {k: torch.cat([getattr(o, k) for o in outs]) for k in ("first_emb", "second_emb")}
+    want_loss = objective(DualOutput(**full, logit_scale=outs[0].logit_scale))["loss"]
     want_loss.backward()
     want, want_rng = grads_of(model), torch.get_rng_state()
 

@@ -10,13 +10,13 @@ from polyalign.data.base import Views, second_caption
 from polyalign.data.build import build_datasets
 from polyalign.data.loader import Collator
 from polyalign.errors import ConfigError
-from polyalign.heads.momentum import MomentumEncoder
+from polyalign.models.heads.momentum import MomentumEncoder
 from polyalign.losses.intra import local_nt_xent, moco_info_nce, nt_xent, tag_bce
-from polyalign.model import build_model
-from polyalign.objective import Objective
-from polyalign.runs import prepare_views
+from polyalign.models.build import build_model
+from polyalign.losses.objective import Objective
+from polyalign.app.runs import prepare_views
 from polyalign.tokenizer import Tokenizer
-from polyalign.train.loop import to_model_inputs
+from polyalign.data.loader import to_model_inputs
 
 
 def _unit(n, d, seed):
@@ -126,7 +126,7 @@ def test_weight_zero_builds_and_computes_nothing(tiny_overrides, tmp_path):
     assert "image_view2" not in batch and "tags" not in batch  # the loader does not even make the views
     calls = []
     model.image_encoder.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
-    assert set(model(batch)) == {"image_emb", "text_emb", "logit_scale"} and calls == [8]  # one view, once
+    assert model(batch).fields_set() == {"first_emb", "second_emb", "logit_scale"} and calls == [8]  # one view, once
 
 
 def test_image_intra_only_skips_the_text_tower(tiny_overrides, tmp_path):
@@ -135,20 +135,20 @@ def test_image_intra_only_skips_the_text_tower(tiny_overrides, tmp_path):
     calls = []
     model.text_encoder.register_forward_hook(lambda m, i, o: calls.append(1))
     out = model(batch)
-    assert calls == [] and "image_emb" not in out and set(Objective(cfg.loss)(out)) == {"image_image_loss", "loss"}
+    assert calls == [] and out.first_emb is None and set(Objective(cfg.loss)(out)) == {"image_image_loss", "loss"}
 
 
 def test_moco_mode_outputs_keys_and_queue_moves(tiny_overrides, tmp_path):
     cfg, model, batch = _setup(tiny_overrides, tmp_path, ["data.augment.enabled=true", "loss.weights.image_image=1",
                                                           "loss.image_image=moco", "model.moco.queue_size=16"])
     out = model(batch)
-    assert out["moco_key1_emb"].shape == (8, cfg.model.intra_dim) and out["moco_queue"].shape[0] == 16
-    assert not out["moco_key1_emb"].requires_grad
+    assert out.moco_key1_emb.shape == (8, cfg.model.intra_dim) and out.moco_queue.shape[0] == 16
+    assert not out.moco_key1_emb.requires_grad
     Objective(cfg.loss)(out)["loss"].backward()
     assert all(p.grad is None for p in model.momentum.parameters())
     model.after_step(out)
     assert int(model.momentum.queue_ptr) == 0  # 2 views × 8 keys = 16: wrapped around exactly once
-    assert torch.allclose(model.momentum.queue[:8], out["moco_key1_emb"])
+    assert torch.allclose(model.momentum.queue[:8], out.moco_key1_emb)
 
 
 def test_image_image_without_augmentation_is_a_config_error(tiny_overrides, tmp_path):
@@ -168,8 +168,8 @@ def test_views_are_a_function_of_seed_epoch_index(tiny_overrides, tmp_path):
 
 
 def test_mct_moco_run_reloads_for_eval_with_tag_head(tiny_overrides, tmp_path):
-    from polyalign.runs import load_run
-    from polyalign.train.loop import train
+    from polyalign.app.runs import load_run
+    from polyalign.app.training import train
 
     over = tiny_overrides + MCT + ["loss.image_image=moco", "model.moco.queue_size=64", "train.max_steps=4",
                                    "train.checkpoint_every=4", "eval.n_examples=0"]

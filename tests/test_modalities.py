@@ -11,11 +11,12 @@ from polyalign.cli import main
 from polyalign.config import load_config
 from polyalign.data.loader import Collator
 from polyalign.errors import ConfigError
-from polyalign.model import build_model
-from polyalign.objective import Objective
+from polyalign.models.build import build_model
+from polyalign.losses.objective import Objective
 from polyalign.losses.contrastive import info_nce
 from polyalign.tokenizer import Tokenizer
-from polyalign.train.loop import to_model_inputs, train
+from polyalign.app.training import train
+from polyalign.data.loader import to_model_inputs
 
 SMALL = ["model.audio.width=32", "model.audio.layers=2", "model.audio.n_mels=32", "model.points.width=32",
          "model.points.groups=8", "model.points.k=8", "model.points.hidden=16", "data.n_points=128", "data.views=2",
@@ -64,9 +65,10 @@ def test_clip_term_contrasts_the_named_towers(tiny_overrides):
     tok = Tokenizer.train(ds.all_captions(), 200, 16)
     model = build_model(cfg.model, 32, tok.vocab_size, cfg.loss)
     out = model(to_model_inputs(Collator(tok)([ds[(0, i)] for i in range(6)])))
-    assert set(out) == {"audio_emb", "text_emb", "logit_scale"} and out["audio_emb"].shape == (6, 16)
+    assert out.fields_set() == {"first_emb", "second_emb", "logit_scale"} and out.first_emb.shape == (6, 16)
+    assert model.modalities == ("audio", "text")  # first: the audio tower
     loss = Objective(cfg.loss, cfg.model.modalities)(out)["clip_loss"]
-    assert torch.allclose(loss, info_nce(out["audio_emb"], out["text_emb"], out["logit_scale"]))
+    assert torch.allclose(loss, info_nce(out.first_emb, out.second_emb, out.logit_scale))
 
 
 @pytest.mark.parametrize("name, extra, keys", [
@@ -124,7 +126,7 @@ def test_speech_run_and_export_feed_connect(tmp_path, tiny_overrides):
     # the same rows through the run's own evaluation path give the same embeddings
     from polyalign.data.audio import SpeechManifest
     from polyalign.eval.embed import embed_items
-    from polyalign.runs import load_run
+    from polyalign.app.runs import load_run
     _, model, _ = load_run(clap)
     assert np.allclose(emb, embed_items(model, SpeechManifest(manifest), "audio").numpy(), atol=1e-5)
 
@@ -151,7 +153,7 @@ def test_embed_rejects_a_tower_the_run_lacks(tmp_path, tiny_overrides):
     run = tmp_path / "ulip"
     train(_tiny(tiny_overrides, "data.name=shapes3d", "model.modalities=[points,image]", "train.max_steps=2",
                 "data.val_size=0"), run, show_progress=False)
-    from polyalign.eval.export import export_embeddings
+    from polyalign.app.export import export_embeddings
     with pytest.raises(ConfigError, match="not text"):
         export_embeddings(run, "text", tmp_path / "x", split="test")
     info = export_embeddings(run, "points", tmp_path / "p", split="test", overrides=["data.seed=3"],

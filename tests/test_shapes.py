@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from polyalign.data.shapes import SYNONYMS, ShapesDataset
+from polyalign.data.shapes import ShapesDataset
+from polyalign.data.shapes_captions import SYNONYMS
 from polyalign.errors import DataError
 
 

@@ -5,7 +5,7 @@ import pytest
 
 from polyalign.cli import main
 from polyalign.errors import PolyalignError
-from polyalign.sweep import compare_table, run_sweep, summarise
+from polyalign.app.sweep import compare_table, run_sweep, summarise
 
 
 def test_summarise_mean_and_sample_std():

@@ -13,11 +13,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from polyalign import objective
+from polyalign.losses import objective
 from polyalign.config import load_config
 from polyalign.errors import TrainingError
 from polyalign.train.checkpoint import find_checkpoint, load_weights
-from polyalign.train.loop import train
+from polyalign.app.training import train
 
 
 def losses_of(run: Path) -> list[tuple]:
@@ -178,7 +178,7 @@ def test_nan_loss_stops_with_message_and_keeps_checkpoint(tmp_path, tiny_overrid
     def poisoned(out, cfg):
         calls["n"] += 1
         loss = real(out, cfg)
-        return loss * float("nan") if calls["n"] >= 7 and out["image_emb"].requires_grad else loss
+        return loss * float("nan") if calls["n"] >= 7 and out.first_emb.requires_grad else loss
 
     monkeypatch.setitem(objective.TERMS, "clip", poisoned)
     cfg = load_config(None, tiny_overrides + ["data.val_size=0"])
@@ -236,4 +236,4 @@ def test_sigusr1_prints_where_a_running_cli_is(tmp_path, tiny_overrides):
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     err = proc.stderr.read()
-    assert "Current thread" in err and "loop.py" in err, err[-2000:]
+    assert "Current thread" in err and "fit.py" in err, err[-2000:]

@@ -1,6 +1,6 @@
 """``python -m polyalign`` (also what torchrun launches)."""
 import sys
 
-from .cli import main
+from polyalign.cli import main
 
 sys.exit(main())

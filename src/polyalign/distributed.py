@@ -4,6 +4,7 @@ Losses stay pure functions: the trainer gathers embeddings here and hands the ga
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import math
 import os
@@ -14,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .errors import PolyalignError
+from polyalign.errors import PolyalignError
 
 
 def world_size() -> int:
@@ -168,11 +169,13 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
         return y.to(x.dtype)
 
 
-def gather_embeddings(out: dict) -> dict:
-    """Add ``<key>_all`` (gathered over ranks, differentiable) for every ``*_emb`` output and this rank's
-    ``rank_offset`` (the global index of its first row); unchanged in a single process."""
+def gather_embeddings(out):
+    """A model output (``polyalign.models.outputs``) with ``gathered`` = the same output holding every rank's rows of
+    its per-sample embedding fields (differentiable, rank order) and ``rank_offset`` = the global index of this
+    rank's first row; a new object, the input is not changed. Unchanged in a single process."""
     if world_size() == 1:
         return out
-    extra = {f"{k}_all": all_gather_with_grad(v) for k, v in out.items() if k.endswith("_emb")}
-    first = next(v for k, v in out.items() if k.endswith("_emb"))
-    return {**out, **extra, "rank_offset": rank() * first.shape[0]}
+    names = out.gather_fields()
+    rows = {name: all_gather_with_grad(getattr(out, name)) for name in names}
+    return dataclasses.replace(out, gathered=dataclasses.replace(out, **rows),
+                               rank_offset=rank() * getattr(out, names[0]).shape[0])

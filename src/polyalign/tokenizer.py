@@ -61,3 +61,9 @@ class Tokenizer:
 
     def decode(self, ids) -> str:
         return self.tok.decode(list(map(int, ids)), skip_special_tokens=True)
+
+
+def special_ids_of(tokenizer) -> dict[str, int]:
+    """``{"[PAD]": id, ...}`` for the special tokens the tokenizer (ours: ``polyalign.tokenizer.Tokenizer``) has."""
+    found = {t: tokenizer.tok.token_to_id(t) for t in SPECIALS}
+    return {t: i for t, i in found.items() if i is not None}

@@ -14,53 +14,14 @@ from __future__ import annotations
 import contextlib
 
 import math
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import ConfigError
+from polyalign.config.schema import AugmentConfig
 
 LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601
-
-
-@dataclass
-class AugmentConfig:
-    """Augmentation of image views (``data.augment``); probabilities in [0, 1], colour ops off by default."""
-
-    enabled: bool = False
-    crop_scale: tuple[float, float] = (0.35, 1.0)  # area fraction of the random resized crop
-    crop_ratio: tuple[float, float] = (0.75, 1.3333333)  # aspect ratio (w / h) range, sampled log-uniformly
-    flip: float = 0.5  # probability of a horizontal flip
-    blur: float = 0.0  # probability of a Gaussian blur, sigma in [0.1, 1.0] × size / 48
-    grayscale: float = 0.0  # probability
-    color_jitter: float = 0.0  # strength s: brightness/contrast/saturation ±0.8 s, hue ±0.2 s; 0 = off
-    color_jitter_p: float = 0.8  # probability of applying the jitter when s > 0
-    noise: float = 0.0  # probability of additive Gaussian pixel noise, std in [0.02, 0.08] (colour-preserving)
-    cutout: float = 0.0  # probability of erasing one rectangle (2–15 % of the area) with the image's mean colour
-
-
-def check_augment_config(cfg: AugmentConfig) -> None:
-    """Raise ``ConfigError`` naming the ``data.augment.<field>`` key that holds an impossible value."""
-    for name in ("flip", "blur", "grayscale", "color_jitter_p", "noise", "cutout"):
-        p = getattr(cfg, name)
-        if not 0.0 <= p <= 1.0:
-            raise ConfigError(f"data.augment.{name} must be a probability in [0, 1], got {p}")
-    try:
-        lo, hi = cfg.crop_scale
-    except (TypeError, ValueError):
-        raise ConfigError(f"data.augment.crop_scale must be a pair (lo, hi), got {cfg.crop_scale!r}") from None
-    if not 0.0 < lo <= hi <= 1.0:
-        raise ConfigError(f"data.augment.crop_scale must satisfy 0 < lo <= hi <= 1, got {cfg.crop_scale!r}")
-    try:
-        lo, hi = cfg.crop_ratio
-    except (TypeError, ValueError):
-        raise ConfigError(f"data.augment.crop_ratio must be a pair (lo, hi), got {cfg.crop_ratio!r}") from None
-    if not 0.0 < lo <= hi:
-        raise ConfigError(f"data.augment.crop_ratio must satisfy 0 < lo <= hi, got {cfg.crop_ratio!r}")
-    if cfg.color_jitter < 0:
-        raise ConfigError(f"data.augment.color_jitter must be >= 0, got {cfg.color_jitter}")
 
 
 def _crop_box(h: int, w: int, rng: np.random.Generator, scale, ratio) -> tuple[int, int, int, int]:

@@ -17,8 +17,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .augment import AugmentConfig, augment_image
-from .tags import multi_hot
+from polyalign.data.augment import AugmentConfig, augment_image
+from polyalign.data.tags import multi_hot
 
 
 def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:

@@ -1,7 +1,7 @@
 """Datasets from the data config."""
 from __future__ import annotations
 
-from ..config import DataConfig
+from polyalign.config import DataConfig
 
 
 def build_datasets(cfg: DataConfig, sample_seed: int, show_progress: bool = True) -> dict:
@@ -9,22 +9,22 @@ def build_datasets(cfg: DataConfig, sample_seed: int, show_progress: bool = True
     synthetic split has size 0). Which modalities each dataset's samples carry: ``config.DATA_MODALITIES``."""
     sizes = {"train": cfg.train_size, "val": cfg.val_size, "test": cfg.test_size}
     if cfg.name == "shapes":
-        from .shapes import ShapesDataset
+        from polyalign.data.shapes import ShapesDataset
 
         out = {split: ShapesDataset(split, n, cfg.image_size, seed=cfg.seed, cache_dir=cfg.cache_dir or None)
                for split, n in sizes.items() if n > 0}
     elif cfg.name == "shapes_audio":
-        from .audio import ShapesAudio
+        from polyalign.data.audio import ShapesAudio
 
         out = {split: ShapesAudio(split, n, seed=cfg.seed) for split, n in sizes.items() if n > 0}
     elif cfg.name == "shapes3d":
-        from .points import Shapes3D
+        from polyalign.data.points import Shapes3D
 
         out = {split: Shapes3D(split, n, seed=cfg.seed, n_points=cfg.n_points, image_size=cfg.image_size,
                                views=cfg.views, cache_dir=cfg.cache_dir or None)
                for split, n in sizes.items() if n > 0}
     elif cfg.name == "speech":
-        from .audio import SpeechManifest
+        from polyalign.data.audio import SpeechManifest
 
         train = SpeechManifest(cfg.train_manifest, max_bad_fraction=cfg.max_bad_fraction, label_fields=cfg.label_fields)
         out = {"train": train}
@@ -33,7 +33,7 @@ def build_datasets(cfg: DataConfig, sample_seed: int, show_progress: bool = True
                 out[split] = SpeechManifest(path, max_bad_fraction=cfg.max_bad_fraction,
                                             label_fields=cfg.label_fields, label_names=train.label_names)
     else:
-        from .manifest import ManifestDataset
+        from polyalign.data.manifest import ManifestDataset
 
         train = ManifestDataset(cfg.train_manifest, cfg.image_size, max_bad_fraction=cfg.max_bad_fraction,
                                 show_progress=show_progress, label_fields=cfg.label_fields)
@@ -46,11 +46,11 @@ def build_datasets(cfg: DataConfig, sample_seed: int, show_progress: bool = True
     for ds in out.values():
         ds.sample_seed = sample_seed
     if cfg.audio_augment and hasattr(out["train"], "augment") and cfg.name in ("shapes_audio", "speech"):
-        from .audio import AudioAugment
+        from polyalign.data.audio import AudioAugment
 
         out["train"].augment = AudioAugment()
     if cfg.points_augment and cfg.name == "shapes3d":
-        from .points import PointAugment
+        from polyalign.data.points import PointAugment
 
         out["train"].augment = PointAugment()
     return out

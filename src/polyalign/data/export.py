@@ -7,7 +7,7 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
-from .base import ImageTextDataset
+from polyalign.data.base import ImageTextDataset
 
 
 def export_manifest(ds: ImageTextDataset, out_dir: str | Path, name: str, label_field: str | None = None) -> Path:

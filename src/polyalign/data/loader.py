@@ -1,10 +1,11 @@
-"""Batches: a resumable global-batch sampler and the collate that tokenises captions."""
+"""All batch preparation: a resumable global-batch sampler, the collate that tokenises captions, the move of a
+batch to the device (``to_model_inputs``), and the inputs of dataset items for inference (``item_inputs``)."""
 from __future__ import annotations
 
 import torch
 
-from ..errors import DataError
-from .audio import pad_audio
+from polyalign.errors import DataError
+from polyalign.data.audio import pad_audio
 
 
 class GlobalBatchSampler:
@@ -73,3 +74,22 @@ def make_loader(dataset, tokenizer, batch_size: int, seed: int, start_step: int,
                                        pin_memory=torch.cuda.is_available(),  # lets the copy to the GPU overlap
                                        generator=torch.Generator().manual_seed(seed),  # keep the global RNG untouched
                                        prefetch_factor=4 if num_workers else None)
+
+
+def to_model_inputs(batch: dict, device: torch.device | str = "cpu") -> dict:
+    """Tensors to the device; uint8 pixels → float in [0, 1] (once per batch, not per sample in the loader)."""
+    batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    pixels = {k: batch[k].float().div_(255.0) for k in ("image", "image_view2") if k in batch}
+    return {**batch, **pixels}
+
+
+def item_inputs(dataset, modality: str, indices: list[int], device) -> tuple[torch.Tensor, ...]:
+    """The model inputs of items ``indices``: image → pixels (B, 3, H, W) in [0, 1] (the dataset's ``image(i)``);
+    audio → waveforms (B, T) + sample mask (B, T) (``waveform(i)``); points → clouds (B, N, 3) (``points(i)``)."""
+    if modality == "image":
+        return (torch.stack([dataset.image(i) for i in indices]).to(device).float() / 255,)
+    if modality == "audio":
+        return tuple(x.to(device) for x in pad_audio([dataset.waveform(i) for i in indices]))
+    if modality == "points":
+        return (torch.stack([dataset.points(i) for i in indices]).to(device),)
+    raise ValueError(f"cannot embed dataset items of modality {modality!r} (image | audio | points)")

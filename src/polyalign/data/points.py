@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import DataError
-from .base import SkipReport, cached_array, sample_rng, stable_hash
+from polyalign.errors import DataError
+from polyalign.data.base import SkipReport, cached_array, sample_rng, stable_hash
 
 VERSION = "shapes3d-v1"  # bump whenever meshes, sampling or rendering change: it keys the on-disk cache
 SPLITS = ("train", "val", "test")

@@ -20,9 +20,9 @@ import numpy as np
 from scipy.signal import resample_poly
 from tqdm import tqdm
 
-from ..errors import DataError
-from .base import SkipReport, sample_rng
-from .manifest import BadRow, read_rows, string_list
+from polyalign.errors import DataError
+from polyalign.data.base import SkipReport, sample_rng
+from polyalign.data.manifest import BadRow, read_rows, string_list
 
 # espeak-ng English voices with male/female variants; all ship with the Debian package.
 VOICES = ("en-us", "en-gb", "en-gb-scotland", "en-029", "en-us+f3", "en-gb+f2", "en-us+m3", "en-gb-x-rp+f4")

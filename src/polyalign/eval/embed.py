@@ -7,6 +7,8 @@ from contextlib import contextmanager
 import torch
 from tqdm.auto import tqdm
 
+from polyalign.data.loader import item_inputs
+
 
 @contextmanager
 def inference(model):
@@ -27,20 +29,6 @@ def model_device(model) -> torch.device:
     params = model.parameters() if hasattr(model, "parameters") else iter(())
     first = next(iter(params), None)
     return first.device if first is not None else torch.device("cpu")
-
-
-def item_inputs(dataset, modality: str, indices: list[int], device) -> tuple[torch.Tensor, ...]:
-    """The model inputs of items ``indices``: image → pixels (B, 3, H, W) in [0, 1] (the dataset's ``image(i)``);
-    audio → waveforms (B, T) + sample mask (B, T) (``waveform(i)``); points → clouds (B, N, 3) (``points(i)``)."""
-    if modality == "image":
-        return (torch.stack([dataset.image(i) for i in indices]).to(device).float() / 255,)
-    if modality == "audio":
-        from polyalign.data.audio import pad_audio
-
-        return tuple(x.to(device) for x in pad_audio([dataset.waveform(i) for i in indices]))
-    if modality == "points":
-        return (torch.stack([dataset.points(i) for i in indices]).to(device),)
-    raise ValueError(f"cannot embed dataset items of modality {modality!r} (image | audio | points)")
 
 
 def embed_items(model, dataset, modality: str = "image", batch_size: int = 256, indices=None,

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from .embed import inference, model_device
-from .retrieval import topk_chunked
+from polyalign.eval.embed import inference, model_device
+from polyalign.eval.retrieval import topk_chunked
 
 
 def first_hit(scores: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
@@ -88,7 +88,7 @@ def evaluate_rerank(model, tokenizer, dataset, k: int = 16, max_captions: int = 
                     add_itc: bool = False) -> dict[str, float]:
     """``retrieval_itm/*`` metrics of ``itm_rerank_metrics`` on a dataset's images and (up to ``max_captions``)
     captions per item."""
-    from .run import caption_table
+    from polyalign.eval.run import caption_table
 
     images = torch.stack([dataset.image(i) for i in range(len(dataset))]).float() / 255  # (N, 3, H, W)
     texts, txt_to_img = caption_table(dataset, max_captions)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .contrastive import info_nce
+from polyalign.losses.contrastive import info_nce
 
 
 @torch.no_grad()

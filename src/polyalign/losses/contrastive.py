@@ -24,7 +24,7 @@ def local_info_nce(a: torch.Tensor, b: torch.Tensor, a_all: torch.Tensor, b_all:
     rank's rows at ``offset``. The mean of this value over ranks equals ``info_nce(a_all, b_all)``.
     """
     if tiled:
-        from .tiled import tiled_cross_entropy
+        from polyalign.losses.tiled import tiled_cross_entropy
 
         return 0.5 * (tiled_cross_entropy(a, b_all, logit_scale, offset, tile)
                       + tiled_cross_entropy(b, a_all, logit_scale, offset, tile))

@@ -12,6 +12,7 @@ taken from the first sub-batch and backpropagated once, with the last.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import torch
 
@@ -26,10 +27,16 @@ def _set_rng_state(state, device: torch.device) -> None:
         torch.cuda.set_rng_state(state[1], device)
 
 
+def _tensor_fields(out) -> list[str]:
+    """The output's tensor fields that are set (not its stats, gathered rows or offset)."""
+    return [f.name for f in dataclasses.fields(out)
+            if f.name not in ("stats", "gathered") and torch.is_tensor(getattr(out, f.name))]
+
+
 def grad_cache_step(model, batch: dict, loss_fn, chunk: int, autocast=contextlib.nullcontext) -> dict:
     """Forward + backward of ``loss_fn(model(batch))`` in sub-batches of ``chunk`` rows; returns the losses dict.
 
-    ``model`` may be DDP-wrapped; ``loss_fn`` maps the output dict to ``{"loss": ..., ...}`` (it may gather
+    ``model`` may be DDP-wrapped; ``loss_fn`` maps the model output (``polyalign.models.outputs``) to ``{"loss": ..., ...}`` (it may gather
     across ranks). Parameter gradients equal those of one forward/backward over the whole batch with the same
     dropout masks. BatchNorm running statistics are updated once (by the second pass), not twice.
     """
@@ -49,13 +56,14 @@ def grad_cache_step(model, batch: dict, loss_fn, chunk: int, autocast=contextlib
         model.load_state_dict(buffers, strict=False)  # pass 2 updates the running statistics
 
     sizes = [min(chunk, n - s) for s in starts]
-    per_sample = [k for k, v in outs[0].items() if torch.is_tensor(v) and v.dim() > 0
-                  and all(o[k].shape[0] == size for o, size in zip(outs, sizes))]
-    leaves = {k: torch.cat([o[k] for o in outs]).detach().requires_grad_() for k in per_sample}
-    leaves.update({k: v.detach().requires_grad_(v.is_floating_point()) for k, v in outs[0].items()
-                   if k not in leaves and torch.is_tensor(v)})
+    tensors = [k for k in _tensor_fields(outs[0])]
+    per_sample = [k for k in tensors if getattr(outs[0], k).dim() > 0
+                  and all(getattr(o, k).shape[0] == size for o, size in zip(outs, sizes))]
+    leaves = {k: torch.cat([getattr(o, k) for o in outs]).detach().requires_grad_() for k in per_sample}
+    leaves.update({k: getattr(outs[0], k).detach().requires_grad_(getattr(outs[0], k).is_floating_point())
+                   for k in tensors if k not in leaves})
     with autocast():
-        losses = loss_fn(dict(leaves))
+        losses = loss_fn(dataclasses.replace(outs[0], **leaves))  # the first sub-batch's stats are logged
     wanted = [k for k, v in leaves.items() if v.requires_grad]
     grads = dict(zip(wanted, torch.autograd.grad(losses["loss"], [leaves[k] for k in wanted], allow_unused=True)))
 
@@ -66,10 +74,10 @@ def grad_cache_step(model, batch: dict, loss_fn, chunk: int, autocast=contextlib
         with (contextlib.nullcontext() if last or sync is None else sync()):
             with autocast():
                 out = model({k: v[s : s + chunk] if torch.is_tensor(v) else v for k, v in batch.items()})
-            surrogate = sum((out[k].float() * grads[k][s : s + chunk].float()).sum()
+            surrogate = sum((getattr(out, k).float() * grads[k][s : s + chunk].float()).sum()
                             for k in per_sample if grads.get(k) is not None)
             if last:  # non-per-sample outputs (the temperature) carry their gradient once
-                surrogate = surrogate + sum((out[k].float() * grads[k].float()).sum()
+                surrogate = surrogate + sum((getattr(out, k).float() * grads[k].float()).sum()
                                             for k in wanted if k not in per_sample and grads.get(k) is not None)
             surrogate.backward()
     _set_rng_state(end_state, device)

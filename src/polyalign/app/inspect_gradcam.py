@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import PolyalignError
-from .gradcam_plot import plot_word_gradcam, upsample_map
+from polyalign.errors import PolyalignError
+from polyalign.app.gradcam_plot import plot_word_gradcam, upsample_map
 
 SPECIALS = {"[CLS]", "[SEP]", "[PAD]", "[MASK]", "[UNK]"}
 
@@ -36,7 +36,7 @@ def _boxes(ds, i: int) -> list[dict] | None:
     scenes = getattr(ds, "scenes", None)
     if scenes is None or "centre" not in scenes:
         return None
-    from ..data.shapes import SIZES
+    from polyalign.data.shapes import SIZES
 
     side_px, sides = ds.image_size, np.array(list(SIZES.values()))
     out = []
@@ -69,9 +69,9 @@ def inspect_gradcam(run_dir: str | Path, out: str | Path | None = None, n_pictur
     """Write the pictures and ``report.json`` (+ ``report.html``) into ``out`` (default RUN_DIR/inspect-gradcam).
     ``words``: draw only items whose first caption names one of them (e.g. ``["red", "star"]``); the pointing game
     still scores every item."""
-    from ..data.build import build_datasets
-    from ..heads.gradcam import itm_gradcam
-    from ..runs import load_run
+    from polyalign.data.build import build_datasets
+    from polyalign.models.heads.gradcam import itm_gradcam
+    from polyalign.app.runs import load_run
 
     run_dir = Path(run_dir)
     cfg, model, tok = load_run(run_dir)

@@ -1,7 +1,7 @@
 """Typed dataclass config trees addressed by dotted keys: set a key from YAML or ``a.b=c`` text with its type
 checked, read one, list them all, check choices, and turn the tree back into plain data.
 
-Shared by the training config (:mod:`polyalign.config`) and the connect config (:mod:`polyalign.connect_config`);
+Shared by the training config (:mod:`polyalign.config`) and the connect config (:mod:`polyalign.config.connect`);
 each owns its schema and validation. Unknown keys and ill-typed values raise :class:`ConfigError` naming the key and
 its closest valid spellings.
 """
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from .errors import ConfigError
+from polyalign.errors import ConfigError
 
 
 def _fields(obj) -> dict[str, dataclasses.Field]:

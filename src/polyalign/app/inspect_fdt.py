@@ -17,8 +17,8 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from ..errors import PolyalignError
-from .gradcam_plot import upsample_map
+from polyalign.errors import PolyalignError
+from polyalign.app.gradcam_plot import upsample_map
 
 
 @torch.no_grad()
@@ -122,8 +122,8 @@ def _plot_tokens(path: Path, model, ds, eval_idx, wi, tokens, words, n_images: i
 def inspect_fdt(run_dir: str | Path, out: str | Path | None = None, n_samples: int = 6, n_tokens: int = 8,
                 top_k: int = 8, n_images: int = 4, max_items: int = 2000, split: str = "test") -> Path:
     """Write the report for a trained FDT run into ``out`` (default RUN_DIR/inspect-fdt); returns that folder."""
-    from ..data.build import build_datasets
-    from ..runs import load_run
+    from polyalign.data.build import build_datasets
+    from polyalign.app.runs import load_run
 
     run_dir = Path(run_dir)
     cfg, model, tok = load_run(run_dir)

@@ -6,14 +6,15 @@
   the focal form ``−Σ_j y_ij (1 − p_ij)^γ log p_ij`` (γ = 0 is the plain soft cross-entropy).
 - ITM: cross-entropy of the match classifier over positive pairs and hard negatives drawn ∝ softmax(ITC sims).
 - MLM: cross-entropy at masked tokens (15%, BERT's 80/10/10), distilled from the momentum model with the same α.
-The ``*_term(out, cfg)`` functions read a ``FusionModel``'s output dict (see ``polyalign.albef``).
+The loss terms that read a ``FusionOutput`` are in ``polyalign.losses.objective``.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-IGNORE = -100  # label of tokens that are not predicted
+from polyalign.models.sampling import IGNORE
+
 
 
 def focal_soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, gamma: float = 0.0) -> torch.Tensor:
@@ -61,49 +62,9 @@ def itc_loss(image: torch.Tensor, text: torch.Tensor, image_keys: torch.Tensor, 
     return 0.5 * (focal_soft_cross_entropy(sim_i2t, y_i2t, gamma) + focal_soft_cross_entropy(sim_t2i, y_t2i, gamma))
 
 
-@torch.no_grad()
-def sample_hard_negatives(sim: torch.Tensor, index: torch.Tensor | None = None,
-                          generator: torch.Generator | None = None) -> torch.Tensor:
-    """For each row of ``sim`` (B, B), one column drawn ∝ softmax(row) with the diagonal and the columns of the
-    same item id (``index`` (B,)) excluded: (B,) indices. Raises ValueError when a row has no valid column."""
-    invalid = torch.eye(sim.shape[0], dtype=torch.bool, device=sim.device)
-    if index is not None:
-        invalid |= index[:, None] == index[None, :]
-    if invalid.all(1).any():
-        raise ValueError("hard negatives: a row has no other item in the batch (batch size 1, or every item "
-                         "has the same id); ITM needs at least two distinct items per batch (per process)")
-    sim = sim.float()
-    top = sim.masked_fill(invalid, torch.finfo(sim.dtype).min).amax(1, keepdim=True)  # the best allowed column
-    weights = (sim - top).masked_fill(invalid, 0.0).exp() * ~invalid  # ∝ softmax over the allowed columns, 0 elsewhere
-    return torch.multinomial(weights, 1, generator=generator)[:, 0]  # (multinomial normalises the rows)
-
-
 def itm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy of the match classifier: ``logits`` (R, 2), ``labels`` (R,) with 1 = matching pair."""
     return F.cross_entropy(logits.float(), labels)
-
-
-@torch.no_grad()
-def mask_tokens(ids: torch.Tensor, mask: torch.Tensor, vocab_size: int, mask_id: int, special_ids,
-                prob: float = 0.15, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """BERT's masking: each real, non-special token is chosen with probability ``prob``; a chosen token becomes
-    [MASK] (80%), a random non-special token (10%) or stays (10%). Returns (masked ids, labels) (B, L) each, labels
-    = the original id at chosen positions and ``IGNORE`` elsewhere. [CLS]/[SEP]/[PAD] (``special_ids``) and padding
-    are never chosen."""
-    specials = torch.as_tensor(sorted(set(special_ids)), dtype=ids.dtype, device=ids.device)
-    candidates = mask.bool() & ~torch.isin(ids, specials)
-
-    def draw(p):
-        return torch.rand(ids.shape, generator=generator, device=ids.device) < p
-
-    chosen = draw(prob) & candidates
-    to_mask = chosen & draw(0.8)
-    to_random = chosen & ~to_mask & draw(0.5)
-    allowed = torch.arange(vocab_size, device=ids.device)
-    allowed = allowed[~torch.isin(allowed, specials)]  # random replacements are ordinary tokens
-    random_ids = allowed[torch.randint(len(allowed), ids.shape, generator=generator, device=ids.device)]
-    out = torch.where(to_mask, torch.full_like(ids, mask_id), torch.where(to_random, random_ids, ids))
-    return out, torch.where(chosen, ids, torch.full_like(ids, IGNORE))
 
 
 def mlm_loss(logits: torch.Tensor, labels: torch.Tensor, soft: torch.Tensor | None = None,
@@ -118,29 +79,3 @@ def mlm_loss(logits: torch.Tensor, labels: torch.Tensor, soft: torch.Tensor | No
     if alpha > 0 and soft is not None:
         loss = (1 - alpha) * loss + alpha * -(soft[keep].float() * F.log_softmax(logits, dim=1)).sum(1).mean()
     return loss
-
-
-def itc_term(out: dict, cfg=None) -> torch.Tensor:
-    """ITC of a ``FusionModel`` output: keys = [momentum features (every rank's under DDP); queue]."""
-    image_m, text_m = out["momentum_image_emb"], out["momentum_text_emb"]
-    batch_i, batch_t = out.get("momentum_image_emb_all", image_m), out.get("momentum_text_emb_all", text_m)
-    image_keys = torch.cat([batch_i, out["image_queue"]])  # (K, E)
-    text_keys = torch.cat([batch_t, out["text_queue"]])
-    index, b = out.get("index"), image_m.shape[0]
-    if "rank_offset" in out:  # under DDP the batch columns' ids are not gathered: the global batch has distinct items
-        key_index = torch.cat([torch.full((batch_t.shape[0],), -1, device=batch_t.device), out["index_queue"]])
-    else:
-        key_index = None if index is None else torch.cat([index, out["index_queue"]])
-    positives = itc_positives(b, text_keys.shape[0], out.get("rank_offset", 0), index, key_index, image_m.device)
-    return itc_loss(out["itc_image"], out["itc_text"], image_keys, text_keys, out["temp"], positives,
-                    image_m, text_m, out["itc_alpha"], out["focal_gamma"])
-
-
-def itm_term(out: dict, cfg=None) -> torch.Tensor:
-    """ITM of a ``FusionModel`` output: positives, hard negatives (and soft-masked positives)."""
-    return itm_loss(out["itm_logits"], out["itm_labels"])
-
-
-def mlm_term(out: dict, cfg=None) -> torch.Tensor:
-    """MLM of a ``FusionModel`` output, distilled from the momentum model's predictions."""
-    return mlm_loss(out["mlm_logits"], out["mlm_labels"], out.get("mlm_soft"), out["mlm_alpha"])

@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..distributed import GlobalBatchNorm2d  # plain BatchNorm in one process; global-batch statistics under DDP
-from .transformer import Transformer
+from polyalign.distributed import GlobalBatchNorm2d  # plain BatchNorm in one process; global-batch statistics under DDP
+from polyalign.models.encoders.transformer import Transformer
 
 MEAN, STD = 0.5, 0.25  # fixed input normalisation, applied inside the encoder
 
@@ -17,6 +17,7 @@ class ViT(nn.Module):
     """
 
     pool = "cls"
+    has_cls = True  # token 0 is [CLS]; the patches follow
 
     def __init__(self, image_size: int, patch_size: int, width: int, layers: int, heads: int,
                  mlp_ratio: float = 4.0, dropout: float = 0.0):
@@ -46,6 +47,7 @@ class ConvNet(nn.Module):
     """
 
     pool = "mean"
+    has_cls = False  # every token is a feature-map cell
 
     def __init__(self, width: int, layers: int = 4, **_):
         super().__init__()

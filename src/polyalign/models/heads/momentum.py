@@ -49,3 +49,26 @@ class MomentumEncoder(nn.Module):
         idx = (ptr + torch.arange(n, device=keys.device)) % size
         self.queue[idx] = keys
         self.queue_ptr.fill_((ptr + n) % size)
+
+
+@torch.no_grad()
+def ema_update(student: nn.Module, teacher: nn.Module, momentum: float) -> None:
+    """teacher ← m·teacher + (1 − m)·student for parameters; buffers (BatchNorm statistics) are copied."""
+    for s, t in zip(student.parameters(), teacher.parameters()):
+        t.lerp_(s.detach(), 1.0 - momentum)
+    for s, t in zip(student.buffers(), teacher.buffers()):
+        t.copy_(s)
+
+
+@torch.no_grad()
+def enqueue(queues: list[torch.Tensor], ptr: torch.Tensor, rows: list[torch.Tensor]) -> None:
+    """Write ``rows[i]`` (n, ...) over the oldest entries of ``queues[i]`` (Q, ...) from ``ptr``, wrapping around
+    (only the last Q rows when n > Q); then advance ``ptr`` (a 0-d long buffer)."""
+    size = queues[0].shape[0]
+    if size == 0:
+        return
+    n = min(rows[0].shape[0], size)
+    idx = (int(ptr) + torch.arange(n, device=queues[0].device)) % size
+    for q, r in zip(queues, rows):
+        q[idx] = r[-n:].detach().to(q.dtype)
+    ptr.fill_((int(ptr) + n) % size)

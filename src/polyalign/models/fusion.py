@@ -9,7 +9,8 @@ Text-Driven Soft Masks and Multimodal Data Augmentation" (Park & Han, CVPR 2023,
 3. ``text_mask_aug``: the MLM-masked caption is what the student's encoders see for ITC and ITM too (one text
    pass serves all three losses); the momentum teacher's ITC features come from the clean caption.
 
-``forward(batch)`` returns a flat dict read by ``polyalign.losses.albef.{itc,itm,mlm}_term``; ``after_step(out)``
+``forward(batch)`` returns a ``FusionOutput`` (``polyalign.models.outputs``) read by the itc, itm and mlm terms of
+``polyalign.losses.objective``; ``after_step(out)``
 (after the optimiser step) clamps the temperature, moves the momentum (EMA) copies and enqueues the step's momentum
 features. The momentum copies, queues, queue pointer and step counter are module state: checkpoints carry them and a
 resumed run continues exactly. ``encode_image``/``encode_text`` give the normalised ITC embeddings the retrieval and
@@ -19,115 +20,21 @@ Gradient caching (``train.grad_cache_chunk``) is not supported: ITM and MLM outp
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import distributed as dist
-from .errors import ConfigError
-from .heads.fusion import FusionEncoder, MLMHead, itm_head
-from .heads.gradcam import apply_soft_mask, gradcam, pick_words, word_masks
-from .heads.projection import ProjectionHead
-from .losses.albef import IGNORE, mask_tokens, sample_hard_negatives
-
-SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
-
-
-@dataclass
-class FusionConfig:
-    """The fusion model's settings; ALBEF's values unless marked (ours: CPU-sized, or the spec's reconstruction)."""
-
-    fusion_layers: int = 2  # ours (ALBEF: 6, the second half of BERT-base)
-    fusion_heads: int = 4
-    mlp_ratio: float = 4.0
-    dropout: float = 0.0
-    embed_dim: int = 256  # ITC space
-    image_pool: str = ""  # cls | mean for the ITC projection; "" = the encoder's own
-    text_pool: str = ""
-    queue_size: int = 4096  # ours (ALBEF: 65,536); 0 = in-batch negatives only
-    momentum: float = 0.995
-    alpha: float = 0.4  # distillation weight of the momentum model's soft targets (ITC and MLM)
-    alpha_ramp_steps: int = 200  # α grows linearly from 0 over these steps (ALBEF: the first epoch); 0 = no ramp
-    init_temperature: float = 0.07
-    temperature_range: tuple[float, float] = (0.001, 0.5)
-    itc_weight: float = 1.0  # a loss with weight 0 is neither built nor computed
-    itm_weight: float = 1.0
-    mlm_weight: float = 1.0
-    soft_mask: bool = False
-    soft_mask_lambda: float = 1.0  # ṽ = v·(1 − λ·g)
-    gradcam_layer: int = 0  # fusion block whose cross-attention drives the soft mask (ALBEF: the 3rd of 6); not the last
-    focal_gamma: float = 0.0  # 0 = plain ITC; the paper's default when on: 2
-    mlm_prob: float = 0.15
-    text_mask_aug: bool = False
-
-
-def check_fusion_config(cfg: FusionConfig, prefix: str = "model.fusion") -> None:
-    """Raise ``ConfigError`` naming the ``<prefix>.<field>`` that holds an impossible value."""
-    def bad(name, why):
-        return ConfigError(f"{prefix}.{name} {why}, got {getattr(cfg, name)!r}")
-
-    if not (cfg.itc_weight or cfg.itm_weight or cfg.mlm_weight):
-        raise ConfigError(f"{prefix}: itc_weight, itm_weight and mlm_weight are all 0; nothing to train")
-    if cfg.fusion_layers < 1:
-        raise bad("fusion_layers", "must be >= 1")
-    if cfg.queue_size < 0:
-        raise bad("queue_size", "must be >= 0")
-    if not 0.0 <= cfg.momentum <= 1.0:
-        raise bad("momentum", "must lie in [0, 1]")
-    if not 0.0 <= cfg.alpha <= 1.0:
-        raise bad("alpha", "must lie in [0, 1]")
-    if cfg.alpha_ramp_steps < 0:
-        raise bad("alpha_ramp_steps", "must be >= 0")
-    lo, hi = cfg.temperature_range
-    if not 0.0 < lo <= cfg.init_temperature <= hi:
-        raise ConfigError(f"{prefix}: need 0 < temperature_range[0] <= init_temperature <= temperature_range[1], "
-                          f"got {cfg.temperature_range!r} and {cfg.init_temperature!r}")
-    if not 0.0 < cfg.mlm_prob < 1.0:
-        raise bad("mlm_prob", "must lie in (0, 1)")
-    if cfg.focal_gamma < 0:
-        raise bad("focal_gamma", "must be >= 0")
-    if not 0.0 <= cfg.soft_mask_lambda <= 1.0:
-        raise bad("soft_mask_lambda", "must lie in [0, 1]")
-    if cfg.soft_mask:
-        if not cfg.itm_weight:
-            raise ConfigError(f"{prefix}.soft_mask needs the ITM loss (itm_weight > 0): soft masks make ITM pairs")
-        if not -cfg.fusion_layers <= cfg.gradcam_layer < cfg.fusion_layers:
-            raise bad("gradcam_layer", f"must index one of the {cfg.fusion_layers} fusion layers")
-        if cfg.gradcam_layer % cfg.fusion_layers == cfg.fusion_layers - 1:
-            raise bad("gradcam_layer", "must not be the last fusion layer (there only the [CLS] token's attention "
-                      "reaches the ITM score, so every word's Grad-CAM map is 0)")
-
-
-def special_ids_of(tokenizer) -> dict[str, int]:
-    """``{"[PAD]": id, ...}`` for the special tokens the tokenizer (ours: ``polyalign.tokenizer.Tokenizer``) has."""
-    found = {t: tokenizer.tok.token_to_id(t) for t in SPECIAL_TOKENS}
-    return {t: i for t, i in found.items() if i is not None}
-
-
-@torch.no_grad()
-def ema_update(student: nn.Module, teacher: nn.Module, momentum: float) -> None:
-    """teacher ← m·teacher + (1 − m)·student for parameters; buffers (BatchNorm statistics) are copied."""
-    for s, t in zip(student.parameters(), teacher.parameters()):
-        t.lerp_(s.detach(), 1.0 - momentum)
-    for s, t in zip(student.buffers(), teacher.buffers()):
-        t.copy_(s)
-
-
-@torch.no_grad()
-def enqueue(queues: list[torch.Tensor], ptr: torch.Tensor, rows: list[torch.Tensor]) -> None:
-    """Write ``rows[i]`` (n, ...) over the oldest entries of ``queues[i]`` (Q, ...) from ``ptr``, wrapping around
-    (only the last Q rows when n > Q); then advance ``ptr`` (a 0-d long buffer)."""
-    size = queues[0].shape[0]
-    if size == 0:
-        return
-    n = min(rows[0].shape[0], size)
-    idx = (int(ptr) + torch.arange(n, device=queues[0].device)) % size
-    for q, r in zip(queues, rows):
-        q[idx] = r[-n:].detach().to(q.dtype)
-    ptr.fill_((int(ptr) + n) % size)
-
+from polyalign import distributed as dist
+from polyalign.config import FusionConfig, check_fusion_config
+from polyalign.errors import ConfigError
+from polyalign.models.encoders.text import trim_padding, warm_cache
+from polyalign.models.heads.fusion import FusionEncoder, MLMHead, itm_head
+from polyalign.models.heads.gradcam import apply_soft_mask, gradcam, pick_words, word_masks
+from polyalign.models.heads.projection import ProjectionHead
+from polyalign.models.heads.momentum import ema_update, enqueue
+from polyalign.models.outputs import FusionOutput
+from polyalign.models.sampling import IGNORE, mask_tokens, sample_hard_negatives
 
 class FusionModel(nn.Module):
     """Image encoder + text encoder (ALBEF's first half of BERT) + fusion encoder (the second half), ITC projections,
@@ -177,6 +84,17 @@ class FusionModel(nn.Module):
         # and the temperature get no gradient
         self.clip_on = bool(cfg.itc_weight)
 
+    # --- what the model declares (polyalign.models.interface.Model) ---
+    has_itm, has_tag_head, has_fdt = True, False, False
+
+    @property
+    def all_parameters_used(self) -> bool:
+        return self.clip_on  # without ITC the projections and the temperature get no gradient
+
+    def prepare(self, tokenizer, captions) -> int:
+        """Cache a locked pretrained text tower's outputs for every training caption (0: nothing to cache)."""
+        return warm_cache(self.text_encoder, tokenizer, captions)
+
     # --- inference API (retrieval, zero-shot, probes, re-ranking) ---
     def scale(self) -> torch.Tensor:
         """1 / temperature (the loop logs it as ``logit_scale``)."""
@@ -192,7 +110,7 @@ class FusionModel(nn.Module):
 
     def text_tokens(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Text encoder tokens (B, L', D) and mask (B, L'), columns past the longest caption (padding) cut off."""
-        ids, mask = self._trim(ids, mask)
+        ids, mask = trim_padding(ids, mask)
         return self.text_encoder(ids, mask), mask
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
@@ -227,25 +145,12 @@ class FusionModel(nn.Module):
             return gradcam(attn, score, self.has_cls, retain_graph=False)
 
     # --- training ---
-    @staticmethod
-    def _trim(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        longest = max(int(mask.sum(dim=1).max()) if mask.shape[1] else 0, 1)
-        return ids[:, :longest], mask[:, :longest]
-
-    def forward(self, batch: dict) -> dict:
-        """The loss terms' inputs (E: ITC width, Q: queue size, R: ITM pairs, n: masked tokens, V: vocabulary):
-
-        - ITC: ``itc_image``/``itc_text`` (B, E) student features, ``momentum_image_emb``/``momentum_text_emb``
-          (B, E) the teacher's (gathered under DDP), ``image_queue``/``text_queue`` (Q, E), ``index_queue`` (Q,),
-          ``index`` (B,) if the batch has it, ``temp``, ``itc_alpha``, ``focal_gamma``;
-        - ITM: ``itm_logits`` (R, 2), ``itm_labels`` (R,): B positives, B hard-negative images, B hard-negative
-          texts, then (``soft_mask``) B soft-masked positives;
-        - MLM: ``mlm_logits`` (n, V), ``mlm_labels`` (n,), ``mlm_soft`` (n, V) the teacher's probabilities, ``mlm_alpha``.
-        Also ``logit_scale`` (1 / temperature).
-        """
-        cfg, out = self.cfg, {}
+    def forward(self, batch: dict) -> FusionOutput:
+        """The ITC, ITM and MLM fields of :class:`FusionOutput` for the terms with a weight (ITM rows: B positives,
+        B hard-negative images, B hard-negative texts, then with ``soft_mask`` B soft-masked positives)."""
+        cfg, out = self.cfg, FusionOutput()
         images, index = batch["image"], batch.get("index")
-        ids, mask = self._trim(batch["text"], batch["text_mask"])
+        ids, mask = trim_padding(batch["text"], batch["text_mask"])
         # training draws from the global RNG (the loop checkpoints it); evaluation from a fixed generator, so a
         # validation pass neither moves the training's random stream nor varies from one checkpoint to the next
         gen = None if self.training else torch.Generator(device=images.device).manual_seed(0)
@@ -255,7 +160,7 @@ class FusionModel(nn.Module):
         v = self.image_encoder(images)  # (B, 1+N, Dv)
         w = self.text_encoder(student_ids, mask)  # (B, L, D)
         temp, alpha = self.temperature(), self.alpha()
-        out.update(temp=temp, logit_scale=1.0 / temp)
+        out.temp, out.logit_scale = temp, 1.0 / temp
         v_m = None
         if cfg.itc_weight or cfg.itm_weight:
             image_feat, text_feat = self.image_proj(v), self.text_proj(w, mask)  # (B, E)
@@ -266,23 +171,21 @@ class FusionModel(nn.Module):
             if cfg.itc_weight:
                 # the queue's ids are training items': in evaluation (another split) they name other items
                 queue_ids = self.index_queue.clone() if self.training else torch.full_like(self.index_queue, -1)
-                out.update(itc_image=image_feat, itc_text=text_feat, momentum_image_emb=image_m,
-                           momentum_text_emb=text_m, image_queue=self.image_queue.clone(),
-                           text_queue=self.text_queue.clone(), index_queue=queue_ids, itc_alpha=alpha,
-                           focal_gamma=cfg.focal_gamma)
-                if index is not None:
-                    out["index"] = index
+                out.itc_image, out.itc_text, out.momentum_image_emb, out.momentum_text_emb = \
+                    image_feat, text_feat, image_m, text_m
+                out.image_queue, out.text_queue = self.image_queue.clone(), self.text_queue.clone()
+                out.index_queue, out.index, out.itc_alpha, out.focal_gamma = queue_ids, index, alpha, cfg.focal_gamma
         fused_pos = None
         if cfg.itm_weight:
             with torch.no_grad():  # ALBEF: the student's features against the teacher's, local batch
                 sim_i2t, sim_t2i = image_feat @ text_m.T / temp, text_feat @ image_m.T / temp  # (B, B)
-            itm, fused_pos = self._itm(v, w, mask, student_ids, sim_i2t, sim_t2i, index, gen)
-            out.update(itm)
+            out.itm_logits, out.itm_labels, fused_pos = self._itm(v, w, mask, student_ids, sim_i2t, sim_t2i, index, gen)
         if cfg.mlm_weight:
-            out.update(self._mlm(images, v, v_m, w, mask, masked, labels, fused_pos, alpha))
+            out.mlm_logits, out.mlm_labels, out.mlm_soft = self._mlm(images, v, v_m, w, mask, masked, labels, fused_pos, alpha)
+            out.mlm_alpha = alpha
         return out
 
-    def _itm(self, v, w, mask, ids, sim_i2t, sim_t2i, index, gen) -> tuple[dict, torch.Tensor]:
+    def _itm(self, v, w, mask, ids, sim_i2t, sim_t2i, index, gen) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """ITM logits and labels over positives, hard negatives and soft-masked positives; and the positives' fused
         tokens (B, L, D) (the MLM predictions under ``text_mask_aug``)."""
         cfg, b = self.cfg, v.shape[0]
@@ -304,34 +207,33 @@ class FusionModel(nn.Module):
             soft = self.fusion(w, mask, apply_soft_mask(v, g, cfg.soft_mask_lambda, self.has_cls))
             logits = torch.cat([logits, self.itm_head(soft[:, 0])])
             labels = torch.cat([labels, torch.ones_like(labels[:b])])
-        return {"itm_logits": logits, "itm_labels": labels}, fused[:b]
+        return logits, labels, fused[:b]
 
-    def _mlm(self, images, v, v_m, w, mask, masked, labels, fused_pos, alpha) -> dict:
+    def _mlm(self, images, v, v_m, w, mask, masked, labels, fused_pos, alpha) -> tuple[torch.Tensor, ...]:
         """MLM predictions at the masked tokens and the momentum model's (distillation) probabilities."""
         if fused_pos is None or not self.cfg.text_mask_aug:  # the ITM positives' pass saw the clean text
             w_masked = w if self.cfg.text_mask_aug else self.text_encoder(masked, mask)
             fused_pos = self.fusion(w_masked, mask, v)
         chosen = labels != IGNORE  # (B, L)
-        out = {"mlm_logits": self.mlm_head(fused_pos[chosen]), "mlm_labels": labels[chosen], "mlm_alpha": alpha}
+        logits, soft = self.mlm_head(fused_pos[chosen]), None
         if alpha > 0:
             with torch.no_grad():
                 m = self.momentum
                 v_m = m.image_encoder(images) if v_m is None else v_m
                 fused_m = m.fusion(m.text_encoder(masked, mask), mask, v_m)
-                out["mlm_soft"] = F.softmax(m.mlm_head(fused_m[chosen]).float(), dim=-1)
-        return out
+                soft = F.softmax(m.mlm_head(fused_m[chosen]).float(), dim=-1)
+        return logits, labels[chosen], soft
 
     @torch.no_grad()
-    def after_step(self, out: dict) -> None:
+    def after_step(self, out: FusionOutput) -> None:
         """After the optimiser step: clamp the temperature, EMA-update the momentum copies, enqueue the step's
         momentum features (every rank's, when gathered) with their item ids, count the step."""
         self.temp.clamp_(*self.cfg.temperature_range)
         for name, teacher in self.momentum.items():
             ema_update(getattr(self, name), teacher, self.cfg.momentum)
-        if "momentum_image_emb" in out:
-            image_keys = out.get("momentum_image_emb_all", out["momentum_image_emb"])
-            text_keys = out.get("momentum_text_emb_all", out["momentum_text_emb"])
-            index = out.get("index")
+        if out.momentum_image_emb is not None:
+            image_keys, text_keys = out.all_rows("momentum_image_emb"), out.all_rows("momentum_text_emb")
+            index = out.index
             if index is None:
                 index = torch.full((image_keys.shape[0],), -1, dtype=torch.long, device=image_keys.device)
             elif index.shape[0] != image_keys.shape[0]:
@@ -339,9 +241,3 @@ class FusionModel(nn.Module):
             enqueue([self.image_queue, self.text_queue, self.index_queue], self.queue_ptr,
                     [image_keys, text_keys, index])
         self.step += 1
-
-
-def build_fusion_model(image_encoder: nn.Module, text_encoder: nn.Module, cfg: FusionConfig, vocab_size: int,
-                       special_ids: dict[str, int]) -> FusionModel:
-    """A ``FusionModel`` on ready-built encoders (``special_ids``: e.g. ``special_ids_of(tokenizer)``)."""
-    return FusionModel(image_encoder, text_encoder, cfg, vocab_size, special_ids)

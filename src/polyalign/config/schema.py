@@ -1,20 +1,25 @@
-"""The training configuration: one dataclass tree holds every default; YAML recipes (with ``base:``) and ``a.b=c``
-overrides change it; ``validate`` checks what a single key's type cannot express.
-
-Setting keys (types, unknown-key hints) is the job of :mod:`polyalign.config_tree`, shared with ``polyalign connect``.
+"""The training configuration's schema: one dataclass tree holds every default (``Config``), plus the literal
+tables the checks read (choices, modalities per dataset, loss-term names). Imports no model, data or loss code.
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
-from pathlib import Path
 
-import yaml
 
-from .albef import FusionConfig, check_fusion_config
-from .config_tree import check_choices, parse_override, read_yaml_mapping, set_key, to_dict
-from .data.augment import AugmentConfig, check_augment_config
-from .errors import ConfigError
+@dataclass
+class AugmentConfig:
+    """Augmentation of image views (``data.augment``); probabilities in [0, 1], colour ops off by default."""
+
+    enabled: bool = False
+    crop_scale: tuple[float, float] = (0.35, 1.0)  # area fraction of the random resized crop
+    crop_ratio: tuple[float, float] = (0.75, 1.3333333)  # aspect ratio (w / h) range, sampled log-uniformly
+    flip: float = 0.5  # probability of a horizontal flip
+    blur: float = 0.0  # probability of a Gaussian blur, sigma in [0.1, 1.0] × size / 48
+    grayscale: float = 0.0  # probability
+    color_jitter: float = 0.0  # strength s: brightness/contrast/saturation ±0.8 s, hue ±0.2 s; 0 = off
+    color_jitter_p: float = 0.8  # probability of applying the jitter when s > 0
+    noise: float = 0.0  # probability of additive Gaussian pixel noise, std in [0.02, 0.08] (colour-preserving)
+    cutout: float = 0.0  # probability of erasing one rectangle (2–15 % of the area) with the image's mean colour
 
 
 @dataclass
@@ -77,7 +82,7 @@ class TextEncoderConfig:
 
 @dataclass
 class AudioEncoderConfig:
-    kind: str = "cnn"  # cnn: log-mel → residual 2D conv stages → tokens along time (encoders/audio.py)
+    kind: str = "cnn"  # cnn: log-mel → residual 2D conv stages → tokens along time (models/encoders/audio.py)
     pool: str = ""  # mean (over the real tokens); "" = the encoder's own
     width: int = 128
     layers: int = 3
@@ -87,7 +92,7 @@ class AudioEncoderConfig:
 
 @dataclass
 class PointsEncoderConfig:
-    kind: str = "pointnet"  # pointnet: per-point MLP → farthest-point groups → max-pooled tokens (encoders/points.py)
+    kind: str = "pointnet"  # pointnet: per-point MLP → farthest-point groups → max-pooled tokens (models/encoders/points.py)
     pool: str = ""  # mean; "" = the encoder's own
     width: int = 128
     groups: int = 32  # tokens per cloud
@@ -111,6 +116,34 @@ class FdtConfig:
     pool: str = "max"  # max | mean: over the patches / words
     chunk: int = 16  # max pooling: tokens per chunk (memory O(B·chunk·C)); 0 = all at once (O(B·N·C))
     logit_scale_range: tuple[float, float] = (20.0, 100.0)  # clamp of the FDT loss's learnable logit scale
+
+
+@dataclass
+class FusionConfig:
+    """The fusion model's settings; ALBEF's values unless marked (ours: CPU-sized, or the spec's reconstruction)."""
+
+    fusion_layers: int = 2  # ours (ALBEF: 6, the second half of BERT-base)
+    fusion_heads: int = 4
+    mlp_ratio: float = 4.0
+    dropout: float = 0.0
+    embed_dim: int = 256  # ITC space
+    image_pool: str = ""  # cls | mean for the ITC projection; "" = the encoder's own
+    text_pool: str = ""
+    queue_size: int = 4096  # ours (ALBEF: 65,536); 0 = in-batch negatives only
+    momentum: float = 0.995
+    alpha: float = 0.4  # distillation weight of the momentum model's soft targets (ITC and MLM)
+    alpha_ramp_steps: int = 200  # α grows linearly from 0 over these steps (ALBEF: the first epoch); 0 = no ramp
+    init_temperature: float = 0.07
+    temperature_range: tuple[float, float] = (0.001, 0.5)
+    itc_weight: float = 1.0  # a loss with weight 0 is neither built nor computed
+    itm_weight: float = 1.0
+    mlm_weight: float = 1.0
+    soft_mask: bool = False
+    soft_mask_lambda: float = 1.0  # ṽ = v·(1 − λ·g)
+    gradcam_layer: int = 0  # fusion block whose cross-attention drives the soft mask (ALBEF: the 3rd of 6); not the last
+    focal_gamma: float = 0.0  # 0 = plain ITC; the paper's default when on: 2
+    mlm_prob: float = 0.15
+    text_mask_aug: bool = False
 
 
 @dataclass
@@ -215,114 +248,7 @@ DATA_MODALITIES = {  # what each data.name provides per item
     "shapes": ("image", "text"), "manifest": ("image", "text"), "shapes_audio": ("audio", "text"),
     "speech": ("audio", "text"), "shapes3d": ("points", "image", "text"),
 }
+LOSS_TERMS = ("clip", "image_image", "text_text", "tags", "fdt", "itc", "itm", "mlm")  # loss.weights.<name>
+TEMPERATURE_TERMS = ("image_image", "text_text")  # loss.temperatures.<name>: the terms with a fixed temperature
 FUSION_TERMS = ("itc", "itm", "mlm")  # loss terms of the fusion model (model.fusion), image–text only
 IMAGE_TEXT_TERMS = ("image_image", "text_text", "tags", "fdt") + FUSION_TERMS  # loss terms that exist for image–text models only
-
-
-def _apply_file(cfg: Config, path: Path, chain: list[Path]) -> None:
-    """Set the keys of a YAML recipe; a top-level ``base: other.yaml`` (relative to the file) is applied first."""
-    if path.resolve() in chain:
-        raise ConfigError(f"config file {path} is its own base (cycle: {' -> '.join(map(str, chain + [path]))})")
-    data = read_yaml_mapping(path, f"the base of {chain[-1]}" if chain else "")
-    base = data.pop("base", None)
-    if base is not None:
-        _apply_file(cfg, path.parent / str(base), chain + [path.resolve()])
-    for key, value in data.items():
-        set_key(cfg, str(key), value)
-
-
-def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
-    """Defaults ← YAML file ← overrides, validated."""
-    cfg = Config()
-    if path is not None:
-        _apply_file(cfg, Path(path), [])
-    for text in overrides:
-        set_key(cfg, *parse_override(text))
-    validate(cfg)
-    return cfg
-
-
-def validate(cfg: Config) -> None:
-    """Cross-field checks that a single key's type cannot express."""
-    check_choices(cfg, CHOICES)
-    positive = {"train.batch_size": cfg.train.batch_size, "train.max_steps": cfg.train.max_steps,
-                "train.log_every": cfg.train.log_every, "data.image_size": cfg.data.image_size,
-                "model.embed_dim": cfg.model.embed_dim}
-    for key, value in positive.items():
-        if value <= 0:
-            raise ConfigError(f"config key '{key}' must be positive, got {value}")
-    check_augment_config(cfg.data.augment)
-    _check_fdt(cfg.model.fdt)
-    if cfg.train.grad_cache_chunk < 0:
-        raise ConfigError(f"config key 'train.grad_cache_chunk' must be >= 0, got {cfg.train.grad_cache_chunk}")
-    if cfg.data.num_workers < 0:
-        raise ConfigError(f"config key 'data.num_workers' must be >= 0, got {cfg.data.num_workers}")
-    if cfg.model.image.kind == "vit" and cfg.data.image_size % cfg.model.image.patch_size:
-        raise ConfigError(f"data.image_size ({cfg.data.image_size}) must be a multiple of "
-                          f"model.image.patch_size ({cfg.model.image.patch_size})")
-    if cfg.data.name in ("manifest", "speech") and not cfg.data.train_manifest:
-        raise ConfigError(f"data.name={cfg.data.name} needs data.train_manifest (a JSONL or CSV file)")
-    _check_modalities(cfg)
-    _check_fusion(cfg)
-    if cfg.eval.rerank_k and cfg.eval.rerank_k < 10:
-        raise ConfigError(f"eval.rerank_k must be 0 (off) or >= 10 (R@10 is reported), got {cfg.eval.rerank_k}")
-    if not 0.0 <= cfg.data.max_bad_fraction <= 1.0:
-        raise ConfigError("config key 'data.max_bad_fraction' must lie in [0, 1]")
-
-
-def _check_fusion(cfg: Config) -> None:
-    """The fusion terms (itc, itm, mlm) build a different model: they cannot be mixed with the dual encoder's."""
-    terms = cfg.loss.active()
-    fusion = terms & set(FUSION_TERMS)
-    if not fusion:
-        return
-    other = sorted(terms - set(FUSION_TERMS))
-    if other:
-        raise ConfigError(f"loss terms {', '.join(sorted(fusion))} train the fusion model; {', '.join(other)} belong to "
-                          f"the dual encoder: set loss.weights.{other[0]}=0 (the fusion model's own contrastive term is itc)")
-    if cfg.train.grad_cache_chunk:
-        raise ConfigError("train.grad_cache_chunk is not supported by the fusion model (ITM and MLM pair samples "
-                          "across the batch); set it to 0")
-    text = cfg.model.text
-    if text.kind == "hf" and text.lock and text.cache and ("mlm" in fusion or cfg.model.fusion.text_mask_aug):
-        raise ConfigError("a cached locked text tower sees every masked caption as new (the cache would grow without "
-                          "bound): set model.text.cache=false for mlm or model.fusion.text_mask_aug")
-    check_fusion_config(fusion_settings(cfg.model, cfg.loss), prefix="model.fusion")
-
-
-def fusion_settings(model: ModelConfig, loss: LossConfig) -> FusionConfig:
-    """``model.fusion`` with its loss weights taken from ``loss.weights`` (the one place they are set)."""
-    w = loss.weights
-    return dataclasses.replace(model.fusion, itc_weight=float(w.get("itc", 0)), itm_weight=float(w.get("itm", 0)),
-                               mlm_weight=float(w.get("mlm", 0)))
-
-
-def _check_modalities(cfg: Config) -> None:
-    """The towers' modalities: a valid pair, provided by the data, with loss terms that exist for it."""
-    first, second = cfg.model.modalities
-    if first not in FIRST_MODALITIES or second not in SECOND_MODALITIES or first == second:
-        raise ConfigError(f"model.modalities must be [first, second] with first in {', '.join(FIRST_MODALITIES)} and "
-                          f"second in {', '.join(SECOND_MODALITIES)}, different; got {list(cfg.model.modalities)}")
-    provided = DATA_MODALITIES[cfg.data.name]
-    missing = [m for m in (first, second) if m not in provided]
-    if missing:
-        raise ConfigError(f"data.name={cfg.data.name} provides {', '.join(provided)}, not {', '.join(missing)} "
-                          f"(model.modalities={list(cfg.model.modalities)})")
-    if (first, second) != ("image", "text"):
-        extra = sorted(cfg.loss.active() & set(IMAGE_TEXT_TERMS))
-        if extra:
-            raise ConfigError(f"loss terms {', '.join(extra)} need model.modalities=[image, text]; "
-                              f"a {first}–{second} model trains the clip term only")
-
-
-def _check_fdt(f: FdtConfig) -> None:
-    if f.codebook_size <= 0 or f.dim < 0 or f.chunk < 0 or not f.t_fdt > 0:
-        raise ConfigError(f"model.fdt: codebook_size and t_fdt must be > 0, dim and chunk >= 0; got "
-                          f"codebook_size={f.codebook_size}, t_fdt={f.t_fdt}, dim={f.dim}, chunk={f.chunk}")
-    lo, hi = f.logit_scale_range
-    if not 0 < lo <= hi:
-        raise ConfigError(f"model.fdt.logit_scale_range must be (low, high) with 0 < low <= high, got {(lo, hi)}")
-
-
-def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

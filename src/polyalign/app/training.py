@@ -1,0 +1,120 @@
+"""A training run end to end: set the run directory up (config, data, tokenizer, model, optimizer, resume), hand
+the job to the fit loop (``polyalign.train.fit``), then draw the curves, evaluate and write ``metrics.json``."""
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from polyalign import distributed as dist
+from polyalign.app.runs import evaluate_run, prepare_tokenizer, prepare_views, write_metrics
+from polyalign.config import Config, flat_items, load_config, save_config
+from polyalign.data.build import build_datasets
+from polyalign.data.loader import make_loader
+from polyalign.errors import PolyalignError
+from polyalign.losses.objective import Objective
+from polyalign.models.build import build_model
+from polyalign.tokenizer import special_ids_of
+from polyalign.train.checkpoint import find_checkpoint
+from polyalign.train.curves import plot_curves
+from polyalign.train.fit import Job, fit
+from polyalign.train.meter import StepMeter
+from polyalign.train.optim import build_optimizer
+from polyalign.train.state import Checkpointer
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _warn_config_changes(old: Config, new: Config) -> None:
+    """Resuming is exact only with the recipe unchanged: name every key that differs from the saved one."""
+    a, b = flat_items(old), flat_items(new)
+    changed = [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
+    if changed:
+        print("warning: resuming with a changed config (the run is no longer exactly reproducible):\n  "
+              + "\n  ".join(changed))
+
+
+def _set_up(cfg: Config, out: Path, resume: bool, show_progress: bool) -> tuple[Job, dict, object]:
+    """Everything the fit loop runs on; returns the job, the datasets and the tokenizer."""
+    t, device = cfg.train, dist.init_from_env()
+    main = dist.is_main()
+    last = find_checkpoint(out / "checkpoints")
+    if last is not None and not resume:
+        raise PolyalignError(f"{out} already holds a run (checkpoint at step {last}): pass --resume, or another --out")
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        if resume and last is not None:
+            _warn_config_changes(load_config(out / "config.yaml"), cfg)
+        save_config(cfg, out / "config.yaml")
+    if t.threads:
+        torch.set_num_threads(t.threads)
+    seed_everything(t.seed)
+
+    datasets = build_datasets(cfg.data, t.seed, show_progress and main)
+    if main:
+        tokenizer = prepare_tokenizer(cfg, datasets["train"], out)  # trains and saves the BPE tokenizer once
+    dist.barrier()
+    if not main:
+        tokenizer = prepare_tokenizer(cfg, datasets["train"], out)  # loads rank 0's
+    tag_names = prepare_views(cfg, datasets, out, main)
+    model = build_model(cfg.model, cfg.data.image_size, tokenizer.vocab_size, cfg.loss, tag_names,
+                        special_ids_of(tokenizer)).to(device)
+    t0 = time.perf_counter()
+    if (n := model.prepare(tokenizer, datasets["train"].all_captions())) and main:  # a locked pretrained tower
+        print(f"cached the locked text tower's outputs for {n} captions in {time.perf_counter() - t0:.0f} s")
+    optimizer, objective = build_optimizer(model, t), Objective(cfg.loss, cfg.model.modalities)
+    checkpointer = Checkpointer(out, model, optimizer, objective, cfg, datasets.get("val"), tokenizer)
+    start = 0
+    if resume and last is not None:
+        start = checkpointer.resume(last)
+    elif resume and main:
+        print(f"no checkpoint in {checkpointer.dir}: starting from scratch")
+    # DDP averages gradients over ranks; each rank's loss is its share of the global-batch loss
+    forward = (torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=not model.all_parameters_used)
+               if dist.world_size() > 1 else model)
+    if t.compile:  # weights stay shared with ``model``, which checkpoints and evaluation use
+        forward = torch.compile(forward)
+    loader = make_loader(datasets["train"], tokenizer, t.batch_size, t.seed, start, cfg.data.num_workers,
+                         dist.rank(), dist.world_size())
+    model.train()
+    meter = StepMeter(t, out / "log.jsonl", start, main, show_progress)
+    job = Job(t, model, forward, optimizer, objective, iter(loader), checkpointer, meter, device, start)
+    return job, datasets, tokenizer
+
+
+def train(cfg: Config, out_dir: str | Path, resume: bool = False, show_progress: bool = True) -> dict:
+    """Train ``cfg`` into ``out_dir``; returns the final metrics. ``resume`` continues from the latest checkpoint.
+
+    Under torchrun every process runs this; ``train.batch_size`` is the global batch, each rank takes its slice
+    of the same global batch, embeddings are gathered with gradient, and rank 0 alone logs, checkpoints and
+    evaluates (other ranks return ``{}``).
+    """
+    out = Path(out_dir)
+    job, datasets, tokenizer = _set_up(cfg, out, resume, show_progress)
+    step = fit(job)
+    if not dist.is_main():
+        dist.barrier()  # wait while rank 0 evaluates
+        return {}
+    plot_curves(out / "log.jsonl", out / "loss.png")
+    metrics = evaluate_run(cfg, job.model, tokenizer, datasets, out)
+    if job.meter.step_time:
+        metrics["train/data_time_frac"] = job.meter.data_time / job.meter.step_time
+        metrics["train/samples_per_s"] = (step - job.start) * cfg.train.batch_size / job.meter.step_time
+    metrics["train/steps"] = step
+    skipped = sum(ds.skip_report.n_skipped for ds in datasets.values())
+    if skipped:
+        metrics["data/skipped_rows"] = skipped
+        for split, ds in datasets.items():
+            r = ds.skip_report
+            if r.n_skipped:
+                print(f"{split}: skipped {r.n_skipped} of {r.total} rows ({dict(r.skipped)}), e.g. {r.examples[0]}")
+    write_metrics(out, metrics)
+    dist.barrier()
+    return metrics

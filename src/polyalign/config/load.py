@@ -1,0 +1,39 @@
+"""Loading and saving a training config: defaults ← YAML recipe (with ``base:``) ← ``a.b=c`` overrides, validated."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from polyalign.config.checks import validate
+from polyalign.config.schema import Config
+from polyalign.config.tree import parse_override, read_yaml_mapping, set_key, to_dict
+from polyalign.errors import ConfigError
+
+
+def _apply_file(cfg: Config, path: Path, chain: list[Path]) -> None:
+    """Set the keys of a YAML recipe; a top-level ``base: other.yaml`` (relative to the file) is applied first."""
+    if path.resolve() in chain:
+        raise ConfigError(f"config file {path} is its own base (cycle: {' -> '.join(map(str, chain + [path]))})")
+    data = read_yaml_mapping(path, f"the base of {chain[-1]}" if chain else "")
+    base = data.pop("base", None)
+    if base is not None:
+        _apply_file(cfg, path.parent / str(base), chain + [path.resolve()])
+    for key, value in data.items():
+        set_key(cfg, str(key), value)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Defaults ← YAML file ← overrides, validated."""
+    cfg = Config()
+    if path is not None:
+        _apply_file(cfg, Path(path), [])
+    for text in overrides:
+        set_key(cfg, *parse_override(text))
+    validate(cfg)
+    return cfg
+
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

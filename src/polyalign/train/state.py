@@ -1,0 +1,94 @@
+"""A training run's state on disk: periodic checkpoints (weights, optimizer, every rank's RNG, best validation
+loss) with the validation loss that ranks them, and the exact resume from the latest one."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from polyalign import distributed as dist
+from polyalign.config import Config
+from polyalign.data.loader import Collator, to_model_inputs
+from polyalign.train.amp import autocast
+from polyalign.train.checkpoint import find_checkpoint, load_state, load_weights, rng_state, save_checkpoint, set_rng_state
+from polyalign.train.curves import read_log
+
+
+@torch.no_grad()
+def validation_loss(model, objective, dataset, tokenizer, cfg: Config) -> float:
+    """Mean objective over the validation set in fixed batches (no dropout, training RNG untouched)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    collate, bs, total, n = Collator(tokenizer), min(cfg.train.batch_size, len(dataset)), 0.0, 0
+    for start in range(0, len(dataset) - bs + 1, bs):
+        batch = to_model_inputs(collate([dataset[(0, i)] for i in range(start, start + bs)]), device)
+        with autocast(cfg.train.precision, device):
+            total += objective(model(batch))["loss"].item()
+        n += 1
+    model.train(was_training)
+    return total / max(n, 1)
+
+
+def _rank_rng_states() -> list[dict]:
+    """Every rank's RNG state (rank order), so a resumed DDP run restores each process's own."""
+    state = rng_state()
+    if dist.world_size() == 1:
+        return [state]
+    states = [None] * dist.world_size()
+    torch.distributed.all_gather_object(states, state)
+    return states
+
+
+class Checkpointer:
+    """Saves and restores ``RUN/checkpoints``; rank 0 writes, every rank takes part (RNG states are gathered)."""
+
+    def __init__(self, run_dir: Path, model, optimizer, objective, cfg: Config, val_set=None, tokenizer=None):
+        self.dir, self.log_path = Path(run_dir) / "checkpoints", Path(run_dir) / "log.jsonl"
+        self.model, self.optimizer, self.objective, self.cfg = model, optimizer, objective, cfg
+        self.val_set, self.tokenizer, self.best = val_set, tokenizer, math.inf
+
+    def latest(self) -> int | None:
+        return find_checkpoint(self.dir)
+
+    def save(self, step: int, rng: dict | None = None) -> None:
+        """Checkpoint after ``step`` (``rng``: the state to record instead of the current one, for an interrupt
+        mid-step); with a validation set, its loss is logged and decides the ``best`` pointer. A collective."""
+        states = [rng] if rng is not None else _rank_rng_states()
+        if dist.is_main():
+            val = (validation_loss(self.model, self.objective, self.val_set, self.tokenizer, self.cfg)
+                   if self.val_set is not None else math.nan)
+            is_best = not val > self.best  # NaN-safe: no val split → every checkpoint counts as best
+            self.best = min(self.best, val) if not math.isnan(val) else self.best
+            state = {"optimizer": self.optimizer.state_dict(), "scheduler": {"step": step}, "step": step,
+                     "rng": states[0], "rng_ranks": states, "best_val_loss": self.best}
+            save_checkpoint(self.dir, step, self.model, state, best=is_best)
+            if not math.isnan(val):  # no val split: nothing to log (NaN is not valid JSON)
+                with open(self.log_path, "a") as f:
+                    f.write(json.dumps({"step": step, "val_loss": val}) + "\n")
+        dist.barrier()
+
+    def resume(self, step: int) -> int:
+        """Load weights, optimizer, this rank's RNG and the best loss of checkpoint ``step``; drop later log rows."""
+        self.model.load_state_dict(load_weights(self.dir, step))
+        state = load_state(self.dir, step)
+        self.optimizer.load_state_dict(state["optimizer"])
+        ranks = state.get("rng_ranks") or [state["rng"]]
+        if len(ranks) != dist.world_size() and dist.is_main():
+            print(f"warning: the checkpoint was written by {len(ranks)} process(es), this run has "
+                  f"{dist.world_size()}: RNG streams (dropout) continue from rank 0's")
+        set_rng_state(ranks[dist.rank()] if len(ranks) == dist.world_size() else state["rng"])
+        self.best = state["best_val_loss"]
+        if dist.is_main():
+            _truncate_log(self.log_path, state["step"])
+            print(f"resuming from step {state['step']}")
+        return state["step"]
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop log rows past the checkpoint we resume from (the killed run may have logged further)."""
+    if path.exists():
+        rows = [r for r in read_log(path) if r["step"] <= step]
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
