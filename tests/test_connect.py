@@ -8,11 +8,11 @@ import torch.nn.functional as F
 import yaml
 
 from polyalign.cli import main
-from polyalign.config_tree import parse_override, set_key
+from polyalign.config.tree import parse_override, set_key
 from polyalign.connect import (ConnectConfig, ConnectData, ConnectedSpaces, connect, load_connect_config, pseudo_pairs,
                                train_connection)
-from polyalign.data.embeddings import Embeddings, join_by_id, read_embeddings
-from polyalign.eval.connected import RetrievalSet, _chance_recalls, _recalls, evaluate
+from polyalign.connect.embeddings import Embeddings, join_by_id, read_embeddings
+from polyalign.connect.evaluate import RetrievalSet, _chance_recalls, _recalls, evaluate
 from polyalign.eval.retrieval import retrieval_metrics
 from polyalign.errors import ConfigError, DataError
 from polyalign.losses.cmcr import add_noise, cmcr_loss, intra_alignment, soft_retrieve

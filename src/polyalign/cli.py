@@ -1,11 +1,11 @@
-"""Command line: thin wrappers that parse arguments and call library functions.
+"""Command line: the parser and the dispatch to ``polyalign.app.commands``.
 
     polyalign train CONFIG.yaml [key=value ...] [--out DIR] [--resume]
     polyalign eval RUN_DIR [key=value ...]
     polyalign demo [--out DIR] [key=value ...]
     polyalign sweep CONFIG.yaml --seeds 0,1,2 --out DIR [key=value ...]
     polyalign table SWEEP_DIR [SWEEP_DIR ...] --metrics a,b [--names x,y]
-    polyalign connect CONFIG.yaml [key=value ...] [--out DIR]
+    polyalign connect CONFIG.yaml [key=value ...] [--out DIR] [--resume]
     polyalign embed RUN_DIR [data.key=value ...] --modality M (--split S | --manifest M | --texts F) --out PREFIX
     polyalign data shapes --out DIR [--train-size N] [--test-size N]
     polyalign data speech --manifest M --out DIR [--voices v1,v2] [--captions-per-item K] [--limit N]
@@ -15,72 +15,13 @@ from __future__ import annotations
 
 import argparse
 import faulthandler
-import json
-import shutil
 import signal
 import sys
-import time
-from pathlib import Path
 
-from .errors import PolyalignError
-
-DEMO_ROWS = [  # (metric key, label) in the order the demo table prints them
-    ("zeroshot/shape_acc", "zero-shot accuracy, shape (single-object test scenes)"),
-    ("zeroshot/colour_acc", "zero-shot accuracy, colour (single-object test scenes)"),
-    ("zeroshot/size_acc", "zero-shot accuracy, size"),
-    ("zeroshot/position_acc", "zero-shot accuracy, position"),
-    ("retrieval/t2i_R@1", "text → image R@1"),
-    ("retrieval/t2i_R@5", "text → image R@5"),
-    ("retrieval/t2i_R@10", "text → image R@10"),
-    ("retrieval/i2t_R@1", "image → text R@1"),
-    ("retrieval/i2t_R@5", "image → text R@5"),
-    ("retrieval/i2t_R@10", "image → text R@10"),
-    ("probe/shape_acc", "linear probe accuracy, shape"),
-    ("train/data_time_frac", "data-loading share of step time"),
-]
-
-
-def results_table(metrics: dict) -> str:
-    """A markdown table of the headline metrics (all others follow in metrics.json)."""
-    lines = ["| metric | value |", "|---|---|"]
-    lines += [f"| {label} | {metrics[key]:.3f} |" for key, label in DEMO_ROWS if key in metrics]
-    return "\n".join(lines)
-
-
-def cmd_train(args) -> int:
-    from .config import load_config
-    from .train.loop import train
-
-    from .distributed import shutdown
-
-    cfg = load_config(args.config, args.overrides)
-    out = Path(args.out or Path("runs") / Path(args.config).stem)
-    try:
-        metrics = train(cfg, out, resume=args.resume)
-    finally:
-        shutdown()
-    if metrics:  # rank 0 (or a single process)
-        print(json.dumps(metrics, indent=2, sort_keys=True))
-    return 0
-
-
-def cmd_eval(args) -> int:
-    from .connect import evaluate_connect_run, is_connect_run
-    from .data.build import build_datasets
-    from .runs import evaluate_run, load_run, write_metrics
-
-    if is_connect_run(args.run_dir):  # a `polyalign connect` output: the connected model on its eval sets
-        print(json.dumps(evaluate_connect_run(args.run_dir, args.overrides), indent=2, sort_keys=True))
-        return 0
-    cfg, model, tok = load_run(Path(args.run_dir), args.which, args.overrides)
-    datasets = build_datasets(cfg.data, cfg.train.seed)
-    metrics = evaluate_run(cfg, model, tok, datasets, Path(args.run_dir))
-    previous = Path(args.run_dir) / "metrics.json"
-    if previous.exists():  # keep training-time figures (throughput, skipped rows) that eval cannot recompute
-        metrics = {**json.loads(previous.read_text()), **metrics}
-    write_metrics(Path(args.run_dir), metrics)
-    print(json.dumps(metrics, indent=2, sort_keys=True))
-    return 0
+from polyalign.app.commands import (cmd_connect, cmd_data_emoji, cmd_data_shapes, cmd_data_speech, cmd_demo,
+                                    cmd_embed, cmd_eval, cmd_inspect_fdt, cmd_inspect_gradcam, cmd_sweep,
+                                    cmd_table, cmd_train)
+from polyalign.errors import PolyalignError
 
 
 def _int_list(text: str) -> list[int]:
@@ -89,126 +30,6 @@ def _int_list(text: str) -> list[int]:
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
-
-def cmd_sweep(args) -> int:
-    from .sweep import run_sweep, summary_markdown
-
-    out = args.out or str(Path("runs") / Path(args.config).stem)
-    summary = run_sweep(args.config, args.seeds, out, args.overrides)
-    print(summary_markdown(summary))
-    print(f"summary: {Path(out) / 'summary.json'}")
-    return 0
-
-
-def cmd_table(args) -> int:
-    from .sweep import compare_table
-
-    names = [n.strip() for n in args.names.split(",")] if args.names else None
-    print(compare_table(args.sweeps, [m.strip() for m in args.metrics.split(",") if m.strip()], names), end="")
-    return 0
-
-
-def cmd_connect(args) -> int:
-    from .connect import load_connect_config, run_connect
-
-    cfg = load_connect_config(args.config, args.overrides)
-    out = Path(args.out or Path("runs") / Path(args.config).stem)
-    metrics = run_connect(cfg, out)
-    print(json.dumps(metrics, indent=2, sort_keys=True))
-    print(f"connected model and metrics.json in {out}")
-    return 0
-
-
-def cmd_embed(args) -> int:
-    from .eval.export import export_embeddings
-
-    info = export_embeddings(args.run_dir, args.modality, args.out, split=args.split or "", manifest=args.manifest or "",
-                             texts=args.texts or "", classes=args.classes or "", overrides=args.overrides,
-                             id_field=args.id_field, label_field=args.label_field, which=args.which)
-    print(f"wrote {info['file']} ({info['rows']} × {info['dim']}) with its ids")
-    return 0
-
-
-def cmd_demo(args) -> int:
-    from .config import load_config
-    from .train.loop import train
-
-    cfg = load_config(None, args.overrides)  # the defaults are the demo recipe
-    out = Path(args.out)
-    if out.exists():
-        print(f"replacing the previous demo run in {out}")
-        shutil.rmtree(out)
-    t0 = time.time()
-    metrics = train(cfg, out)
-    print(f"\npolyalign demo: {cfg.train.max_steps} steps × batch {cfg.train.batch_size} on procedural shapes, "
-          f"{time.time() - t0:.0f} s (data generation + training + evaluation)\n")
-    print(results_table(metrics))
-    print(f"\nall metrics: {out / 'metrics.json'}; curves: {out / 'loss.png'}; "
-          f"retrieval examples: {out / 'retrieval_examples.png'}")
-    return 0
-
-
-def cmd_data_shapes(args) -> int:
-    from .data.export import export_manifest
-    from .data.shapes import ShapesDataset
-
-    for split, n in (("train", args.train_size), ("test", args.test_size)):
-        ds = ShapesDataset(split, n, args.image_size, seed=args.seed)
-        print(f"wrote {export_manifest(ds, args.out, split, label_field='shape')} ({n} items)")
-    return 0
-
-
-def cmd_data_emoji(args) -> int:
-    from .data.emoji import build_emoji_dataset
-
-    info = build_emoji_dataset(args.out, [s.strip() for s in args.styles.split(",") if s.strip()], args.source,
-                               args.cache, allow_unlicensed=args.allow_unlicensed)
-    rows = ", ".join(f"{name} {n}" for name, n in info["rows"].items())
-    print(f"emoji: {info['concepts']} concepts ({info['concepts_in_all_styles']} in every style); rows: {rows}")
-    for style, rep in info["skipped"].items():
-        why = ", ".join(f"{reason}: {n}" for reason, n in rep["skipped"].items()) or "none"
-        print(f"  {style}: skipped {sum(rep['skipped'].values())} of {rep['total']} ({why})"
-              + (f"; e.g. {'; '.join(rep['examples'][:3])}" if rep["examples"] else ""))
-    print(f"wrote {args.out} in {info['elapsed_s']:.1f} s (licences and counts in {Path(args.out) / 'README.txt'})")
-    return 0
-
-
-def cmd_data_speech(args) -> int:
-    from .data.speech import VOICES, build_speech
-
-    voices = tuple(v.strip() for v in args.voices.split(",") if v.strip()) if args.voices else VOICES
-    path, report = build_speech(args.manifest, args.out, voices, seed=args.seed,
-                                captions_per_item=args.captions_per_item, limit=args.limit)
-    kept = len(path.read_text().splitlines())
-    skipped = f"; skipped {report.n_skipped} ({dict(report.skipped)}), e.g. {report.examples[0]}" if report.n_skipped else ""
-    print(f"wrote {path}: {kept} clips from {report.total} rows{skipped}")
-    return 0
-
-
-def cmd_inspect_fdt(args) -> int:
-    from .eval.inspect_fdt import inspect_fdt
-
-    out = inspect_fdt(args.run_dir, args.out, n_samples=args.samples, n_tokens=args.tokens, split=args.split)
-    report = json.loads((out / "report.json").read_text())
-    print(f"mean active FDT tokens: {report['mean_active_image']:.1f} per image, "
-          f"{report['mean_active_text']:.1f} per caption ({report['entries_ever_active']} of "
-          f"{report['codebook_size']} entries ever active)")
-    print(f"wrote {out / 'report.html'} (samples.png, tokens.png, report.json)")
-    return 0
-
-
-def cmd_inspect_gradcam(args) -> int:
-    from .eval.inspect_gradcam import inspect_gradcam
-
-    out = inspect_gradcam(args.run_dir, args.out, n_pictures=args.pictures, max_items=args.items, split=args.split,
-                          words=[w.strip() for w in args.words.split(",") if w.strip()])
-    report = json.loads((out / "report.json").read_text())
-    if "pointing" in report:
-        p = report["pointing"]
-        print(f"pointing game: {p['accuracy']:.3f} of {p['trials']} colour/shape words peak on their object "
-              f"(chance {p['chance']:.3f})")
-    print(f"wrote {len(report['pictures'])} pictures and {out / 'report.html'}")
-    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -266,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("config", help="YAML naming the embedding files and hyperparameters (keys: see polyalign.connect)")
     c.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=10 method.mode=exmcr")
     c.add_argument("--out", help="output directory (default runs/<config name>)")
+    c.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint")
     c.set_defaults(func=cmd_connect)
     em = sub.add_parser("embed", help="write a run's embeddings of some items as PREFIX.npy + PREFIX.ids.txt (for connect)")
     em.add_argument("run_dir")

@@ -7,16 +7,17 @@ A config (paths relative to the YAML file; absolute once loaded, so the copy sav
     method: {tau_memory: 0.01, noise_var: 0.004, intra_weight: 0.1}
     train: {batch_size: 4096, epochs: 36}
 
-It shares the key machinery of :mod:`polyalign.config_tree` with the training config, not its keys or checks.
+It shares the key machinery of :mod:`polyalign.config.tree` with the training config, not its keys or checks.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config_tree import check_choices, get_key, parse_override, read_yaml_mapping, set_key
-from .errors import ConfigError
-from .heads.cmcr import PROJECTOR_KINDS
+from polyalign.config.tree import check_choices, get_key, parse_override, read_yaml_mapping, set_key
+from polyalign.errors import ConfigError
+
+PROJECTOR_KINDS = ("mlp", "linear")  # the C-MCR projector of each space
 
 
 @dataclass
@@ -53,6 +54,9 @@ class ConnectTrain:
     weight_decay: float = 0.01  # AdamW's, on weight matrices only (default; not given by the paper)
     seed: int = 0
     log_every: int = 50
+    # steps between checkpoints in RUN/checkpoints (what `polyalign connect --resume` continues from); 0 = one at
+    # each epoch's end. The last step always writes one.
+    checkpoint_every: int = 0
     device: str = "cpu"  # cpu | cuda | auto
     threads: int = 0  # 0 = torch's default
 
@@ -112,7 +116,8 @@ def validate_connect(cfg: ConnectConfig) -> None:
     for key in positive:
         if get_key(cfg, key) <= 0:
             raise ConfigError(f"config key '{key}' must be positive, got {get_key(cfg, key)}")
-    for key in ("method.noise_var", "method.intra_weight", "method.dim", "train.min_lr", "train.weight_decay"):
+    for key in ("method.noise_var", "method.intra_weight", "method.dim", "train.min_lr", "train.weight_decay",
+                "train.checkpoint_every"):
         if get_key(cfg, key) < 0:
             raise ConfigError(f"config key '{key}' must be >= 0, got {get_key(cfg, key)}")
     if bool(cfg.eval.a_test) != bool(cfg.eval.c_test):

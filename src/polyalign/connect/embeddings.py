@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from ..errors import ConfigError, DataError
+from polyalign.errors import ConfigError, DataError
 
 Log = Callable[[str], None]
 

@@ -9,13 +9,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..data.embeddings import Log, duplicates, read_embeddings
-from ..errors import DataError
-from .retrieval import positive_ranks, topk_chunked
+from polyalign.connect.embeddings import Log, duplicates, read_embeddings
+from polyalign.errors import DataError
+from polyalign.eval.retrieval import positive_ranks, topk_chunked
 
 if TYPE_CHECKING:
-    from ..connect import ConnectedSpaces
-    from ..connect_config import ConnectEval
+    from polyalign.connect.model import ConnectedSpaces
+    from polyalign.config.connect import ConnectEval
 
 @dataclass
 class RetrievalSet:

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-PROJECTOR_KINDS = ("mlp", "linear")
+from polyalign.config.connect import PROJECTOR_KINDS
 
 
 class CMCRProjector(nn.Module):

@@ -29,6 +29,31 @@ def atomic_write(path: Path, write) -> None:
     os.replace(tmp, path)
 
 
+def write_json(path: Path, obj, sort_keys: bool = True) -> None:
+    """``obj`` as indented JSON at ``path``, replaced atomically (a kill leaves the old file or the new one)."""
+    text = json.dumps(obj, indent=2, sort_keys=sort_keys)
+    atomic_write(Path(path), lambda p: p.write_text(text))
+
+
+def truncate_log(path: Path, step: int) -> list[dict]:
+    """Keep the rows of a ``log.jsonl`` up to ``step`` (a resumed run logs the later ones again), stopping at a torn
+    last line (a kill mid-write); the file is replaced atomically. Returns the rows kept."""
+    path, rows = Path(path), []
+    if not path.exists():
+        return rows
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # only the last line can be torn: it was being written
+            break
+        if row["step"] <= step:
+            rows.append(row)
+    atomic_write(path, lambda p: p.write_text("".join(json.dumps(r) + "\n" for r in rows)))
+    return rows
+
+
 def rng_state() -> dict:
     return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
 

@@ -12,8 +12,8 @@ from polyalign import distributed as dist
 from polyalign.config import Config
 from polyalign.data.loader import Collator, to_model_inputs
 from polyalign.train.amp import autocast
-from polyalign.train.checkpoint import find_checkpoint, load_state, load_weights, rng_state, save_checkpoint, set_rng_state
-from polyalign.train.curves import read_log
+from polyalign.train.checkpoint import (find_checkpoint, load_state, load_weights, rng_state, save_checkpoint,
+                                       set_rng_state, truncate_log)
 
 
 @torch.no_grad()
@@ -82,13 +82,6 @@ class Checkpointer:
         set_rng_state(ranks[dist.rank()] if len(ranks) == dist.world_size() else state["rng"])
         self.best = state["best_val_loss"]
         if dist.is_main():
-            _truncate_log(self.log_path, state["step"])
+            truncate_log(self.log_path, state["step"])  # the killed run may have logged further
             print(f"resuming from step {state['step']}")
         return state["step"]
-
-
-def _truncate_log(path: Path, step: int) -> None:
-    """Drop log rows past the checkpoint we resume from (the killed run may have logged further)."""
-    if path.exists():
-        rows = [r for r in read_log(path) if r["step"] <= step]
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows))

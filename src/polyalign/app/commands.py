@@ -1,0 +1,189 @@
+"""The commands behind ``polyalign <command>``: each parses nothing, calls library functions and prints what the user
+needs to see. ``polyalign.cli`` builds the parser and dispatches here; heavy imports stay inside each command so a
+bad config key fails before torch is loaded."""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+
+DEMO_ROWS = [  # (metric key, label) in the order the demo table prints them
+    ("zeroshot/shape_acc", "zero-shot accuracy, shape (single-object test scenes)"),
+    ("zeroshot/colour_acc", "zero-shot accuracy, colour (single-object test scenes)"),
+    ("zeroshot/size_acc", "zero-shot accuracy, size"),
+    ("zeroshot/position_acc", "zero-shot accuracy, position"),
+    ("retrieval/t2i_R@1", "text → image R@1"),
+    ("retrieval/t2i_R@5", "text → image R@5"),
+    ("retrieval/t2i_R@10", "text → image R@10"),
+    ("retrieval/i2t_R@1", "image → text R@1"),
+    ("retrieval/i2t_R@5", "image → text R@5"),
+    ("retrieval/i2t_R@10", "image → text R@10"),
+    ("probe/shape_acc", "linear probe accuracy, shape"),
+    ("train/data_time_frac", "data-loading share of step time"),
+]
+
+
+def results_table(metrics: dict) -> str:
+    """A markdown table of the headline metrics (all others follow in metrics.json)."""
+    lines = ["| metric | value |", "|---|---|"]
+    lines += [f"| {label} | {metrics[key]:.3f} |" for key, label in DEMO_ROWS if key in metrics]
+    return "\n".join(lines)
+
+
+def cmd_train(args) -> int:
+    from polyalign.config import load_config
+
+    cfg = load_config(args.config, args.overrides)  # every config error before torch is even imported
+    from polyalign.app.training import train
+    from polyalign.distributed import shutdown
+
+    out = Path(args.out or Path("runs") / Path(args.config).stem)
+    try:
+        metrics = train(cfg, out, resume=args.resume)
+    finally:
+        shutdown()
+    if metrics:  # rank 0 (or a single process)
+        print(json.dumps(metrics, indent=2, sort_keys=True))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from polyalign.connect import evaluate_connect_run, is_connect_run
+    from polyalign.data.build import build_datasets
+    from polyalign.app.runs import evaluate_run, load_run, write_metrics
+
+    if is_connect_run(args.run_dir):  # a `polyalign connect` output: the connected model on its eval sets
+        print(json.dumps(evaluate_connect_run(args.run_dir, args.overrides), indent=2, sort_keys=True))
+        return 0
+    cfg, model, tok = load_run(Path(args.run_dir), args.which, args.overrides)
+    datasets = build_datasets(cfg.data, cfg.train.seed)
+    metrics = evaluate_run(cfg, model, tok, datasets, Path(args.run_dir))
+    previous = Path(args.run_dir) / "metrics.json"
+    if previous.exists():  # keep training-time figures (throughput, skipped rows) that eval cannot recompute
+        metrics = {**json.loads(previous.read_text()), **metrics}
+    write_metrics(Path(args.run_dir), metrics)
+    print(json.dumps(metrics, indent=2, sort_keys=True))
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    from polyalign.app.sweep import run_sweep, summary_markdown
+
+    out = args.out or str(Path("runs") / Path(args.config).stem)
+    summary = run_sweep(args.config, args.seeds, out, args.overrides)
+    print(summary_markdown(summary))
+    print(f"summary: {Path(out) / 'summary.json'}")
+    return 0
+
+
+def cmd_table(args) -> int:
+    from polyalign.app.sweep import compare_table
+
+    names = [n.strip() for n in args.names.split(",")] if args.names else None
+    print(compare_table(args.sweeps, [m.strip() for m in args.metrics.split(",") if m.strip()], names), end="")
+    return 0
+
+
+def cmd_connect(args) -> int:
+    from polyalign.connect import load_connect_config, run_connect
+
+    cfg = load_connect_config(args.config, args.overrides)
+    out = Path(args.out or Path("runs") / Path(args.config).stem)
+    metrics = run_connect(cfg, out, resume=args.resume)
+    print(json.dumps(metrics, indent=2, sort_keys=True))
+    print(f"connected model and metrics.json in {out}")
+    return 0
+
+
+def cmd_embed(args) -> int:
+    from polyalign.app.export import export_embeddings
+
+    info = export_embeddings(args.run_dir, args.modality, args.out, split=args.split or "", manifest=args.manifest or "",
+                             texts=args.texts or "", classes=args.classes or "", overrides=args.overrides,
+                             id_field=args.id_field, label_field=args.label_field, which=args.which)
+    print(f"wrote {info['file']} ({info['rows']} × {info['dim']}) with its ids")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from polyalign.config import load_config
+    from polyalign.app.training import train
+
+    cfg = load_config(None, args.overrides)  # the defaults are the demo recipe
+    out = Path(args.out)
+    if out.exists():
+        print(f"replacing the previous demo run in {out}")
+        shutil.rmtree(out)
+    t0 = time.time()
+    metrics = train(cfg, out)
+    print(f"\npolyalign demo: {cfg.train.max_steps} steps × batch {cfg.train.batch_size} on procedural shapes, "
+          f"{time.time() - t0:.0f} s (data generation + training + evaluation)\n")
+    print(results_table(metrics))
+    print(f"\nall metrics: {out / 'metrics.json'}; curves: {out / 'loss.png'}; "
+          f"retrieval examples: {out / 'retrieval_examples.png'}")
+    return 0
+
+
+def cmd_data_shapes(args) -> int:
+    from polyalign.data.export import export_manifest
+    from polyalign.data.shapes import ShapesDataset
+
+    for split, n in (("train", args.train_size), ("test", args.test_size)):
+        ds = ShapesDataset(split, n, args.image_size, seed=args.seed)
+        print(f"wrote {export_manifest(ds, args.out, split, label_field='shape')} ({n} items)")
+    return 0
+
+
+def cmd_data_emoji(args) -> int:
+    from polyalign.data.emoji import build_emoji_dataset
+
+    info = build_emoji_dataset(args.out, [s.strip() for s in args.styles.split(",") if s.strip()], args.source,
+                               args.cache, allow_unlicensed=args.allow_unlicensed)
+    rows = ", ".join(f"{name} {n}" for name, n in info["rows"].items())
+    print(f"emoji: {info['concepts']} concepts ({info['concepts_in_all_styles']} in every style); rows: {rows}")
+    for style, rep in info["skipped"].items():
+        why = ", ".join(f"{reason}: {n}" for reason, n in rep["skipped"].items()) or "none"
+        print(f"  {style}: skipped {sum(rep['skipped'].values())} of {rep['total']} ({why})"
+              + (f"; e.g. {'; '.join(rep['examples'][:3])}" if rep["examples"] else ""))
+    print(f"wrote {args.out} in {info['elapsed_s']:.1f} s (licences and counts in {Path(args.out) / 'README.txt'})")
+    return 0
+
+
+def cmd_data_speech(args) -> int:
+    from polyalign.data.speech import VOICES, build_speech
+
+    voices = tuple(v.strip() for v in args.voices.split(",") if v.strip()) if args.voices else VOICES
+    path, report = build_speech(args.manifest, args.out, voices, seed=args.seed,
+                                captions_per_item=args.captions_per_item, limit=args.limit)
+    kept = len(path.read_text().splitlines())
+    skipped = f"; skipped {report.n_skipped} ({dict(report.skipped)}), e.g. {report.examples[0]}" if report.n_skipped else ""
+    print(f"wrote {path}: {kept} clips from {report.total} rows{skipped}")
+    return 0
+
+
+def cmd_inspect_fdt(args) -> int:
+    from polyalign.app.inspect_fdt import inspect_fdt
+
+    out = inspect_fdt(args.run_dir, args.out, n_samples=args.samples, n_tokens=args.tokens, split=args.split)
+    report = json.loads((out / "report.json").read_text())
+    print(f"mean active FDT tokens: {report['mean_active_image']:.1f} per image, "
+          f"{report['mean_active_text']:.1f} per caption ({report['entries_ever_active']} of "
+          f"{report['codebook_size']} entries ever active)")
+    print(f"wrote {out / 'report.html'} (samples.png, tokens.png, report.json)")
+    return 0
+
+
+def cmd_inspect_gradcam(args) -> int:
+    from polyalign.app.inspect_gradcam import inspect_gradcam
+
+    out = inspect_gradcam(args.run_dir, args.out, n_pictures=args.pictures, max_items=args.items, split=args.split,
+                          words=[w.strip() for w in args.words.split(",") if w.strip()])
+    report = json.loads((out / "report.json").read_text())
+    if "pointing" in report:
+        p = report["pointing"]
+        print(f"pointing game: {p['accuracy']:.3f} of {p['trials']} colour/shape words peak on their object "
+              f"(chance {p['chance']:.3f})")
+    print(f"wrote {len(report['pictures'])} pictures and {out / 'report.html'}")
+    return 0
