@@ -49,3 +49,13 @@ def test_fusion_run_trains_reranks_and_draws_gradcam(tmp_path, tiny_overrides, c
     assert main(["inspect", "gradcam", str(tmp_path / "run"), "--items", "30", "--words", "zebra",
                  "--out", str(tmp_path / "zebra")]) != 0
     assert "names any of ['zebra']" in capsys.readouterr().err
+
+
+def test_fusion_run_without_itm_skips_reranking_and_gradcam(tmp_path, tiny_overrides, capsys):
+    """An ITC+MLM fusion model has no match score: evaluation reports ITC retrieval without ITM re-ranking (it used
+    to call the missing ITM head), and `inspect gradcam` says why it cannot explain anything."""
+    metrics = train(load_config(None, tiny_overrides + FUSION_RUN + ["loss.weights.itm=0"]), tmp_path / "run",
+                    show_progress=False)
+    assert 0.0 <= metrics["retrieval/t2i_R@1"] <= 1.0 and not any(k.startswith("retrieval_itm/") for k in metrics)
+    assert main(["inspect", "gradcam", str(tmp_path / "run"), "--items", "10"]) == 1
+    assert "trained no ITM head" in capsys.readouterr().err

@@ -72,12 +72,13 @@ def inspect_gradcam(run_dir: str | Path, out: str | Path | None = None, n_pictur
     from polyalign.data.build import build_datasets
     from polyalign.models.heads.gradcam import itm_gradcam
     from polyalign.app.runs import load_run
+    from polyalign.models.fusion import FusionModel
 
     run_dir = Path(run_dir)
     cfg, model, tok = load_run(run_dir)
-    if not hasattr(model, "gradcam_maps"):
+    if not isinstance(model, FusionModel):
         raise PolyalignError(f"{run_dir} is not a fusion run (Grad-CAM needs the itm loss term and its fusion model)")
-    if not model.cfg.itm_weight:
+    if not model.has_itm:
         raise PolyalignError(f"{run_dir} trained no ITM head (loss.weights.itm is 0): there is no match score to explain")
     ds = build_datasets(cfg.data, cfg.train.seed, show_progress=False).get(split)
     if ds is None:

@@ -85,7 +85,11 @@ class FusionModel(nn.Module):
         self.clip_on = bool(cfg.itc_weight)
 
     # --- what the model declares (polyalign.models.interface.Model) ---
-    has_itm, has_tag_head, has_fdt = True, False, False
+    has_tag_head, has_fdt = False, False
+
+    @property
+    def has_itm(self) -> bool:
+        return self.itm_head is not None  # itm weight 0: no match score (no ITM re-ranking, no Grad-CAM)
 
     @property
     def all_parameters_used(self) -> bool:

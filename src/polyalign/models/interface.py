@@ -14,7 +14,7 @@ class Model(Protocol):
     """A contrastive model: two towers named by ``modalities``, a training ``forward`` and inference encoders."""
 
     modalities: tuple[str, str]  # (first, second) tower, e.g. ("image", "text"), ("audio", "text")
-    has_itm: bool  # an image–text matching head: ``match_logits`` / ``itm_scores`` / ``gradcam_maps`` work
+    has_itm: bool  # an image–text matching head: ``match_logits`` / ``itm_scores`` / ``gradcam_maps`` work (ITM re-ranking)
     has_tag_head: bool  # a tag classifier: ``tag_logits`` / ``tag_names`` work
     has_fdt: bool  # FDT head: the ``fdt_*`` inspection methods work
     all_parameters_used: bool  # False: some parameters get no gradient in a step (DDP must look for them)
