@@ -1,7 +1,7 @@
 """Command line: the parser and the dispatch to ``polyalign.app.commands``.
 
     polyalign train CONFIG.yaml [key=value ...] [--out DIR] [--resume]
-    polyalign eval RUN_DIR [key=value ...]
+    polyalign eval RUN_DIR [key=value ...] [--which latest|best]
     polyalign demo [--out DIR] [key=value ...]
     polyalign sweep CONFIG.yaml --seeds 0,1,2 --out DIR [key=value ...]
     polyalign table SWEEP_DIR [SWEEP_DIR ...] --metrics a,b [--names x,y]
@@ -10,17 +10,22 @@
     polyalign data shapes --out DIR [--train-size N] [--test-size N]
     polyalign data speech --manifest M --out DIR [--voices v1,v2] [--captions-per-item K] [--limit N]
     polyalign data emoji --out DIR [--styles google,twitter] [--source PATH ...] [--cache DIR] [--allow-unlicensed]
+    polyalign --version
+
+Options and ``key=value`` overrides mix in any order (``polyalign eval RUN --which best eval.max_captions=1``).
 """
 from __future__ import annotations
 
 import argparse
 import faulthandler
+import importlib.metadata
 import signal
 import sys
 
 from polyalign.app.commands import (cmd_connect, cmd_data_emoji, cmd_data_shapes, cmd_data_speech, cmd_demo,
                                     cmd_embed, cmd_eval, cmd_inspect_fdt, cmd_inspect_gradcam, cmd_sweep,
                                     cmd_table, cmd_train)
+from polyalign import __version__
 from polyalign.errors import PolyalignError
 
 
@@ -32,18 +37,44 @@ def _int_list(text: str) -> list[int]:
 
 
 
+class _Parser(argparse.ArgumentParser):
+    """A parser whose options and positionals mix in any order (argparse's intermixed parsing), so an override may
+    follow an option: ``eval RUN --which best eval.max_captions=1``. A parser with subcommands parses as usual (argparse
+    cannot intermix those) and hands the rest to the subcommand's parser, which intermixes."""
+
+    _intermixing = False
+
+    def parse_known_args(self, args=None, namespace=None):
+        if self._intermixing or self._subparsers is not None:
+            return super().parse_known_args(args, namespace)
+        self._intermixing = True  # parse_known_intermixed_args calls back here for each of its two passes
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._intermixing = False
+
+
+def _version() -> str:
+    """The installed distribution's version; the package's own when run from a source tree that is not installed."""
+    try:
+        return importlib.metadata.version("polyalign")
+    except importlib.metadata.PackageNotFoundError:
+        return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="polyalign", description="Multimodal contrastive representation learning.")
+    p = _Parser(prog="polyalign", description="Multimodal contrastive representation learning.")
+    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train a recipe")
     t.add_argument("config", help="recipe YAML (see configs/)")
-    t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=100")
+    t.add_argument("overrides", nargs="*", default=[], help="dotted overrides, e.g. train.max_steps=100")
     t.add_argument("--out", help="run directory (default runs/<recipe name>)")
     t.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint")
     t.set_defaults(func=cmd_train)
     e = sub.add_parser("eval", help="re-evaluate a run (a training or a `polyalign connect` run) and print its metrics as JSON")
     e.add_argument("run_dir")
-    e.add_argument("overrides", nargs="*", help="dotted overrides of eval.* keys, e.g. eval.max_captions=1 "
+    e.add_argument("overrides", nargs="*", default=[], help="dotted overrides of eval.* keys, e.g. eval.max_captions=1 "
                    "(connect runs: eval.* and inputs.*, e.g. eval.c_test=other.npy)")
     e.add_argument("--which", choices=("latest", "best"), default="latest", help="checkpoint to evaluate")
     e.set_defaults(func=cmd_eval)
@@ -74,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_data_speech)
     sw = sub.add_parser("sweep", help="train a recipe once per seed; write mean ± std of every metric")
     sw.add_argument("config", help="recipe YAML (see configs/)")
-    sw.add_argument("overrides", nargs="*", help="dotted overrides applied to every seed")
+    sw.add_argument("overrides", nargs="*", default=[], help="dotted overrides applied to every seed")
     sw.add_argument("--seeds", type=_int_list, default=[0, 1, 2], help="comma-separated seeds (default 0,1,2)")
     sw.add_argument("--out", help="sweep directory (default runs/<recipe name>); seed s trains into OUT/seed-s")
     sw.set_defaults(func=cmd_sweep)
@@ -85,13 +116,13 @@ def build_parser() -> argparse.ArgumentParser:
     tb.set_defaults(func=cmd_table)
     c = sub.add_parser("connect", help="connect two embedding spaces that share a modality (C-MCR) from embedding files")
     c.add_argument("config", help="YAML naming the embedding files and hyperparameters (keys: see polyalign.connect)")
-    c.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=10 method.mode=exmcr")
+    c.add_argument("overrides", nargs="*", default=[], help="dotted overrides, e.g. train.epochs=10 method.mode=exmcr")
     c.add_argument("--out", help="output directory (default runs/<config name>)")
     c.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint")
     c.set_defaults(func=cmd_connect)
     em = sub.add_parser("embed", help="write a run's embeddings of some items as PREFIX.npy + PREFIX.ids.txt (for connect)")
     em.add_argument("run_dir")
-    em.add_argument("overrides", nargs="*", help="dotted overrides of the run's config, e.g. data.seed=1 data.test_size=500")
+    em.add_argument("overrides", nargs="*", default=[], help="dotted overrides of the run's config, e.g. data.seed=1 data.test_size=500")
     em.add_argument("--modality", required=True, choices=("image", "text", "audio", "points"), help="the tower to use")
     em.add_argument("--split", help="items of the run's data: train | val | test")
     em.add_argument("--manifest", help="an image–text or speech manifest (every row must be usable)")
@@ -122,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "words, e.g. red,star")
     gc.set_defaults(func=cmd_inspect_gradcam)
     d = sub.add_parser("demo", help="train and evaluate the default recipe on the embedded shapes data")
-    d.add_argument("overrides", nargs="*", help="dotted overrides")
+    d.add_argument("overrides", nargs="*", default=[], help="dotted overrides")
     d.add_argument("--out", default="runs/demo")
     d.set_defaults(func=cmd_demo)
     return p
@@ -130,11 +161,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _stacks_on_sigusr1() -> None:
     """``kill -USR1 PID`` prints every thread's stack to stderr: where is a run that seems stuck (e.g. a rank
-    waiting in a collective)? Skipped where there is no SIGUSR1 or stderr is not a real file (captured output)."""
+    waiting in a collective)? A crash of native code (SIGSEGV, SIGABRT, ...) prints them too, before the process
+    dies. Skipped where there is no SIGUSR1 or stderr is not a real file (captured output)."""
     if not hasattr(signal, "SIGUSR1"):
         return
     try:
         faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)
+        faulthandler.enable(file=sys.stderr, all_threads=True)
     except (AttributeError, ValueError, OSError):  # io.UnsupportedOperation is an OSError
         pass
 

@@ -1,12 +1,15 @@
 """Text → (ids, mask): a BPE tokenizer trained on the captions with the `tokenizers` library, or a model's own."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Iterable
 
 import torch
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+from polyalign.errors import PolyalignError
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
@@ -43,11 +46,26 @@ class Tokenizer:
 
     @classmethod
     def load(cls, path: str | Path, context_length: int) -> "Tokenizer":
-        """Load a ``tokenizer.json`` (ours, saved with a run, or a HF model's)."""
-        return cls(HFTokenizer.from_file(str(path)), context_length)
+        """Load a ``tokenizer.json`` (ours, saved with a run, or a HF model's); a ``PolyalignError`` naming a
+        missing, torn or foreign file."""
+        try:
+            tok = HFTokenizer.from_file(str(path))
+        except Exception as e:  # the library raises a bare Exception (missing file, invalid JSON, unknown model)
+            raise PolyalignError(f"cannot read the tokenizer {path} ({e})") from None
+        return cls(tok, context_length)
 
     def save(self, path: str | Path) -> None:
-        self.tok.save(str(path))
+        """Write ``tokenizer.json`` atomically: a kill leaves the old file or the new one, never a torn one."""
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        try:
+            self.tok.save(str(tmp))
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
     @property
     def vocab_size(self) -> int:

@@ -4,7 +4,6 @@ bad config key fails before torch is loaded."""
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 
@@ -34,12 +33,16 @@ def results_table(metrics: dict) -> str:
 
 def cmd_train(args) -> int:
     from polyalign.config import load_config
+    from polyalign.config.resume import resume_config
 
-    cfg = load_config(args.config, args.overrides)  # every config error before torch is even imported
+    out = Path(args.out or Path("runs") / Path(args.config).stem)
+    if args.resume and (out / "config.yaml").is_file():  # the run's own config, with the overrides safe on resume
+        cfg = resume_config(out / "config.yaml", args.config, args.overrides)
+    else:
+        cfg = load_config(args.config, args.overrides)  # every config error before torch is even imported
     from polyalign.app.training import train
     from polyalign.distributed import shutdown
 
-    out = Path(args.out or Path("runs") / Path(args.config).stem)
     try:
         metrics = train(cfg, out, resume=args.resume)
     finally:
@@ -51,19 +54,24 @@ def cmd_train(args) -> int:
 
 def cmd_eval(args) -> int:
     from polyalign.connect import evaluate_connect_run, is_connect_run
-    from polyalign.data.build import build_datasets
-    from polyalign.app.runs import evaluate_run, load_run, write_metrics
+    from polyalign.config import parse_override
+    from polyalign.errors import ConfigError
 
     if is_connect_run(args.run_dir):  # a `polyalign connect` output: the connected model on its eval sets
         print(json.dumps(evaluate_connect_run(args.run_dir, args.overrides), indent=2, sort_keys=True))
         return 0
-    cfg, model, tok = load_run(Path(args.run_dir), args.which, args.overrides)
-    datasets = build_datasets(cfg.data, cfg.train.seed)
-    metrics = evaluate_run(cfg, model, tok, datasets, Path(args.run_dir))
-    previous = Path(args.run_dir) / "metrics.json"
-    if previous.exists():  # keep training-time figures (throughput, skipped rows) that eval cannot recompute
-        metrics = {**json.loads(previous.read_text()), **metrics}
-    write_metrics(Path(args.run_dir), metrics)
+    bad = [key for key, _ in map(parse_override, args.overrides) if key != "eval" and not key.startswith("eval.")]
+    if bad:  # the model, data and training of a run are its config.yaml's; other data: `polyalign embed`
+        raise ConfigError(f"polyalign eval of a trained run takes only eval.* overrides, got {', '.join(bad)}: its "
+                          f"model, data and training are those of {Path(args.run_dir) / 'config.yaml'} (to embed "
+                          f"other data: polyalign embed RUN data.key=value ...)")
+    from polyalign.app.runs import evaluate_run, load_run, merge_metrics
+    from polyalign.data.build import build_datasets
+
+    run = Path(args.run_dir)
+    cfg, model, tok = load_run(run, args.which, args.overrides)
+    metrics = evaluate_run(cfg, model, tok, build_datasets(cfg.data, cfg.train.seed), run)
+    metrics = merge_metrics(run, metrics)
     print(json.dumps(metrics, indent=2, sort_keys=True))
     return 0
 
@@ -108,16 +116,18 @@ def cmd_embed(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    from polyalign.app.lock import run_lock
+    from polyalign.app.runs import check_demo_dir, start_demo_dir
     from polyalign.config import load_config
     from polyalign.app.training import train
 
     cfg = load_config(None, args.overrides)  # the defaults are the demo recipe
     out = Path(args.out)
-    if out.exists():
-        print(f"replacing the previous demo run in {out}")
-        shutil.rmtree(out)
-    t0 = time.time()
-    metrics = train(cfg, out)
+    check_demo_dir(out)  # before the lock: a folder of other files is left without even a lock file
+    with run_lock(out, "demo"):  # training below takes it again
+        start_demo_dir(out)
+        t0 = time.time()
+        metrics = train(cfg, out)
     print(f"\npolyalign demo: {cfg.train.max_steps} steps × batch {cfg.train.batch_size} on procedural shapes, "
           f"{time.time() - t0:.0f} s (data generation + training + evaluation)\n")
     print(results_table(metrics))

@@ -2,6 +2,7 @@
 the job to the fit loop (``polyalign.train.fit``), then draw the curves, evaluate and write ``metrics.json``."""
 from __future__ import annotations
 
+import contextlib
 import random
 import time
 from pathlib import Path
@@ -10,15 +11,17 @@ import numpy as np
 import torch
 
 from polyalign import distributed as dist
+from polyalign.app.lock import run_lock
 from polyalign.app.runs import evaluate_run, prepare_tokenizer, prepare_views, write_metrics
-from polyalign.config import Config, flat_items, load_config, save_config
+from polyalign.config import Config, load_config, save_config
+from polyalign.config.resume import changed_keys, check_resume_step, unsafe_changes, unsafe_message
 from polyalign.data.build import build_datasets
 from polyalign.data.loader import make_loader
-from polyalign.errors import PolyalignError
+from polyalign.errors import ConfigError, PolyalignError
 from polyalign.losses.objective import Objective
 from polyalign.models.build import build_model
 from polyalign.tokenizer import special_ids_of
-from polyalign.train.checkpoint import find_checkpoint
+from polyalign.train.checkpoint import atomic_write, find_checkpoint, truncate_log
 from polyalign.train.curves import plot_curves
 from polyalign.train.fit import Job, fit
 from polyalign.train.meter import StepMeter
@@ -32,38 +35,53 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _warn_config_changes(old: Config, new: Config) -> None:
-    """Resuming is exact only with the recipe unchanged: name every key that differs from the saved one."""
-    a, b = flat_items(old), flat_items(new)
-    changed = [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
-    if changed:
-        print("warning: resuming with a changed config (the run is no longer exactly reproducible):\n  "
-              + "\n  ".join(changed))
+def _check_resumed_config(cfg: Config, out: Path) -> None:
+    """A resumed run keeps its saved config: only the keys that keep it the same run may change (the others: a
+    ``ConfigError`` naming them); the changed ones are printed."""
+    path = out / "config.yaml"
+    if not path.is_file():
+        return
+    saved = load_config(path)
+    if bad := unsafe_changes(saved, cfg):
+        raise ConfigError(unsafe_message(bad, path))
+    if (changed := changed_keys(saved, cfg)) and dist.is_main():
+        print("resuming with changed settings: " + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items()))
 
 
-def _set_up(cfg: Config, out: Path, resume: bool, show_progress: bool) -> tuple[Job, dict, object]:
+def _start_log(out: Path) -> None:
+    """A run that starts from step 0 drops the log rows of an earlier attempt that left no checkpoint."""
+    log = out / "log.jsonl"
+    if log.exists() and log.stat().st_size:
+        truncate_log(log, 0)
+        print(f"note: cleared {log} (rows of an earlier attempt that left no checkpoint)")
+
+
+def _set_up(cfg: Config, out: Path, device, resume: bool, show_progress: bool) -> tuple[Job, dict, object]:
     """Everything the fit loop runs on; returns the job, the datasets and the tokenizer."""
-    t, device = cfg.train, dist.init_from_env()
-    main = dist.is_main()
+    t, main = cfg.train, dist.is_main()
     last = find_checkpoint(out / "checkpoints")
     if last is not None and not resume:
         raise PolyalignError(f"{out} already holds a run (checkpoint at step {last}): pass --resume, or another --out")
+    resumed = resume and last is not None
+    if resumed:
+        check_resume_step(cfg, last, out)
+    if resume:
+        _check_resumed_config(cfg, out)
     if main:
-        out.mkdir(parents=True, exist_ok=True)
-        if resume and last is not None:
-            _warn_config_changes(load_config(out / "config.yaml"), cfg)
-        save_config(cfg, out / "config.yaml")
+        atomic_write(out / "config.yaml", lambda p: save_config(cfg, p))
+        if not resumed:
+            _start_log(out)
     if t.threads:
         torch.set_num_threads(t.threads)
     seed_everything(t.seed)
 
     datasets = build_datasets(cfg.data, t.seed, show_progress and main)
-    if main:
-        tokenizer = prepare_tokenizer(cfg, datasets["train"], out)  # trains and saves the BPE tokenizer once
+    if main:  # a new run trains (and saves) the BPE tokenizer again: one left by an earlier attempt may be stale
+        tokenizer = prepare_tokenizer(cfg, datasets["train"], out, reuse=resumed)
     dist.barrier()
     if not main:
         tokenizer = prepare_tokenizer(cfg, datasets["train"], out)  # loads rank 0's
-    tag_names = prepare_views(cfg, datasets, out, main)
+    tag_names = prepare_views(cfg, datasets, out, main, reuse=resumed)
     model = build_model(cfg.model, cfg.data.image_size, tokenizer.vocab_size, cfg.loss, tag_names,
                         special_ids_of(tokenizer)).to(device)
     t0 = time.perf_counter()
@@ -71,10 +89,8 @@ def _set_up(cfg: Config, out: Path, resume: bool, show_progress: bool) -> tuple[
         print(f"cached the locked text tower's outputs for {n} captions in {time.perf_counter() - t0:.0f} s")
     optimizer, objective = build_optimizer(model, t), Objective(cfg.loss, cfg.model.modalities)
     checkpointer = Checkpointer(out, model, optimizer, objective, cfg, datasets.get("val"), tokenizer)
-    start = 0
-    if resume and last is not None:
-        start = checkpointer.resume(last)
-    elif resume and main:
+    start = checkpointer.resume(last) if resumed else 0
+    if resume and not resumed and main:
         print(f"no checkpoint in {checkpointer.dir}: starting from scratch")
     # DDP averages gradients over ranks; each rank's loss is its share of the global-batch loss
     forward = (torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=not model.all_parameters_used)
@@ -96,8 +112,14 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, show_progress:
     of the same global batch, embeddings are gathered with gradient, and rank 0 alone logs, checkpoints and
     evaluates (other ranks return ``{}``).
     """
-    out = Path(out_dir)
-    job, datasets, tokenizer = _set_up(cfg, out, resume, show_progress)
+    out, device = Path(out_dir), dist.init_from_env()
+    with run_lock(out, "train") if dist.is_main() else contextlib.nullcontext():  # before anything is written
+        return _train(cfg, out, device, resume, show_progress)
+
+
+def _train(cfg: Config, out: Path, device, resume: bool, show_progress: bool) -> dict:
+    """``train`` inside the run directory's lock."""
+    job, datasets, tokenizer = _set_up(cfg, out, device, resume, show_progress)
     step = fit(job)
     if not dist.is_main():
         dist.barrier()  # wait while rank 0 evaluates

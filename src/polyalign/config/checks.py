@@ -1,49 +1,87 @@
-"""Every check of a training config, run by ``load_config`` before any work starts: choices, signs, cross-field
-rules, the loss-term names and the settings of each data kind. Each error names the key to change."""
+"""Every check of a training config, run by ``load_config`` before any work starts: choices, value ranges (NaN and
+±inf included), cross-field rules (heads that divide widths, the schedule, the loss terms, the settings of each data
+kind) and that the files it names exist. Each error names the key to change."""
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 from pathlib import Path
 
 from polyalign.config.schema import (CHOICES, DATA_MODALITIES, FIRST_MODALITIES, FUSION_TERMS, IMAGE_TEXT_TERMS,
-                                     LOSS_TERMS, SECOND_MODALITIES, TEMPERATURE_TERMS, AugmentConfig, Config, FdtConfig, FusionConfig, LossConfig,
-                                     ModelConfig)
-from polyalign.config.tree import check_choices
+                                     LOSS_TERMS, RANGES, SECOND_MODALITIES, TEMPERATURE_TERMS, AugmentConfig, Config,
+                                     FdtConfig, FusionConfig, LossConfig, ModelConfig)
+from polyalign.config.tree import check_choices, check_ranges
 from polyalign.errors import ConfigError
 
 
-def validate(cfg: Config) -> None:
-    """Cross-field checks that a single key's type cannot express."""
+def validate(cfg: Config, for_training: bool = True) -> None:
+    """Every check of a config, before any work: a bad value raises ``ConfigError`` naming its key.
+    ``for_training=False`` (a trained run's saved config, loaded to evaluate or embed) skips what only training
+    needs: manifest files that still exist where they were, a batch that fits the training set."""
     check_choices(cfg, CHOICES)
-    positive = {"train.batch_size": cfg.train.batch_size, "train.max_steps": cfg.train.max_steps,
-                "train.log_every": cfg.train.log_every, "data.image_size": cfg.data.image_size,
-                "model.embed_dim": cfg.model.embed_dim}
-    for key, value in positive.items():
-        if value <= 0:
-            raise ConfigError(f"config key '{key}' must be positive, got {value}")
+    check_ranges(cfg, RANGES)
     check_augment_config(cfg.data.augment)
     _check_fdt(cfg.model.fdt)
-    if cfg.train.grad_cache_chunk < 0:
-        raise ConfigError(f"config key 'train.grad_cache_chunk' must be >= 0, got {cfg.train.grad_cache_chunk}")
-    if cfg.data.num_workers < 0:
-        raise ConfigError(f"config key 'data.num_workers' must be >= 0, got {cfg.data.num_workers}")
+    if cfg.train.eval_every != 0:
+        raise ConfigError(f"train.eval_every={cfg.train.eval_every} is not supported: evaluation runs once, at the "
+                          "end of training; set it to 0 or leave it out")
+    if cfg.train.min_lr > cfg.train.lr:
+        raise ConfigError(f"train.min_lr ({cfg.train.min_lr}) must be <= train.lr ({cfg.train.lr}): the schedule "
+                          "decays from lr to min_lr")
     if cfg.model.image.kind == "vit" and cfg.data.image_size % cfg.model.image.patch_size:
         raise ConfigError(f"data.image_size ({cfg.data.image_size}) must be a multiple of "
                           f"model.image.patch_size ({cfg.model.image.patch_size})")
     check_loss(cfg.loss)
-    _check_data_kind(cfg)
+    _check_data_kind(cfg, for_training)
     _check_modalities(cfg)
     _check_fusion(cfg)
+    _check_heads(cfg)
     if "image_image" in cfg.loss.active() and not cfg.data.augment.enabled:
         raise ConfigError("loss.weights.image_image needs data.augment.enabled=true: without augmentation the two "
                           "views of an image are identical and the term learns nothing")
     if cfg.model.text.kind == "hf":
-        resolve_hf_path(cfg.model.text.hf_path)
+        _check_hf_context(cfg.model.text.context_length, _hf_config(cfg.model.text.hf_path))
     if cfg.eval.rerank_k and cfg.eval.rerank_k < 10:
         raise ConfigError(f"eval.rerank_k must be 0 (off) or >= 10 (R@10 is reported), got {cfg.eval.rerank_k}")
-    if not 0.0 <= cfg.data.max_bad_fraction <= 1.0:
-        raise ConfigError("config key 'data.max_bad_fraction' must lie in [0, 1]")
+
+
+def _check_heads(cfg: Config) -> None:
+    """Each attention stack that will be built splits its width evenly over its heads."""
+    m, towers = cfg.model, cfg.model.modalities
+    pairs = []  # (width key, width, heads key, heads)
+    if "image" in towers and m.image.kind == "vit":
+        pairs.append(("model.image.width", m.image.width, "model.image.heads", m.image.heads))
+    if "text" in towers and m.text.kind == "transformer":
+        pairs.append(("model.text.width", m.text.width, "model.text.heads", m.text.heads))
+    fusion = cfg.loss.active() & {"itm", "mlm"}  # the terms that build the fusion encoder (on the text width)
+    if fusion and m.text.kind == "transformer":
+        pairs.append(("model.text.width", m.text.width, "model.fusion.fusion_heads", m.fusion.fusion_heads))
+    elif fusion:
+        width = _hf_config(m.text.hf_path).get("hidden_size")
+        if isinstance(width, int):
+            pairs.append((f"the width of model.text.hf_path={m.text.hf_path}", width, "model.fusion.fusion_heads",
+                          m.fusion.fusion_heads))
+    for width_key, width, heads_key, heads in pairs:
+        if width % heads:
+            raise ConfigError(f"{heads_key} ({heads}) must divide {width_key} ({width}): each head takes "
+                              f"width / heads channels")
+
+
+def _hf_config(hf_path: str) -> dict:
+    """The ``config.json`` of an HF text tower (a ``ConfigError`` if there is none)."""
+    path = resolve_hf_path(hf_path) / "config.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"model.text.hf_path: {path} cannot be read as JSON: {e}") from None
+
+
+def _check_hf_context(context_length: int, hf: dict) -> None:
+    limit = hf.get("max_position_embeddings")
+    if isinstance(limit, int) and context_length > limit:
+        raise ConfigError(f"model.text.context_length ({context_length}) must be <= {limit}, the positions the "
+                          "model.text.hf_path tower has")
 
 
 def check_loss(loss: LossConfig) -> None:
@@ -67,20 +105,26 @@ DATA_KIND_SWITCHES = {  # data.<key> that only one family of data kinds reads: s
 }
 
 
-def _check_data_kind(cfg: Config) -> None:
-    """Settings of one data kind switched on for another (silently ignored otherwise), and what a kind needs."""
+def _check_data_kind(cfg: Config, for_training: bool = True) -> None:
+    """Settings of one data kind switched on for another (silently ignored otherwise), and what a kind needs: its
+    manifests, which must be files (checked now, not after the training manifest is decoded)."""
     d = cfg.data
     for key, kinds in DATA_KIND_SWITCHES.items():
         if getattr(d, key) and d.name not in kinds:
             raise ConfigError(f"data.{key}=true applies to data.name={' | '.join(kinds)}, not {d.name}")
-    if d.name in ("manifest", "speech") and not d.train_manifest:
+    if d.name not in ("manifest", "speech"):
+        if for_training and cfg.train.batch_size > d.train_size:
+            raise ConfigError(f"train.batch_size ({cfg.train.batch_size}) must be <= data.train_size ({d.train_size}): "
+                              "a step takes one batch of distinct training items")
+        return
+    if not d.train_manifest:
         raise ConfigError(f"data.name={d.name} needs data.train_manifest (a JSONL or CSV file)")
-    if d.name in ("shapes", "shapes_audio", "shapes3d") and d.train_size <= 0:
-        raise ConfigError(f"config key 'data.train_size' must be positive, got {d.train_size}")
-    if d.name in ("shapes", "shapes_audio", "shapes3d") and (d.val_size < 0 or d.test_size < 0):
-        raise ConfigError(f"data.val_size and data.test_size must be >= 0, got {d.val_size} and {d.test_size}")
-    if d.name == "shapes3d" and d.views <= 0:
-        raise ConfigError(f"config key 'data.views' must be positive, got {d.views}")
+    for key in ("train_manifest", "val_manifest", "test_manifest") if for_training else ():
+        path = Path(getattr(d, key))
+        if getattr(d, key) and not path.is_file():
+            what = "is a directory, not a JSONL or CSV manifest" if path.is_dir() else "does not exist"
+            where = "" if path.is_absolute() else f" (relative to the working directory {Path.cwd()})"
+            raise ConfigError(f"data.{key}: {path} {what}{where}")
 
 
 def resolve_hf_path(path: str) -> Path:
@@ -144,9 +188,6 @@ def _check_modalities(cfg: Config) -> None:
 
 
 def _check_fdt(f: FdtConfig) -> None:
-    if f.codebook_size <= 0 or f.dim < 0 or f.chunk < 0 or not f.t_fdt > 0:
-        raise ConfigError(f"model.fdt: codebook_size and t_fdt must be > 0, dim and chunk >= 0; got "
-                          f"codebook_size={f.codebook_size}, t_fdt={f.t_fdt}, dim={f.dim}, chunk={f.chunk}")
     lo, hi = f.logit_scale_range
     if not 0 < lo <= hi:
         raise ConfigError(f"model.fdt.logit_scale_range must be (low, high) with 0 < low <= high, got {(lo, hi)}")

@@ -23,16 +23,15 @@ def _apply_file(cfg: Config, path: Path, chain: list[Path]) -> None:
         set_key(cfg, str(key), value)
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
-    """Defaults ← YAML file ← overrides, validated."""
+def load_config(path: str | Path | None = None, overrides: list[str] = (), for_training: bool = True) -> Config:
+    """Defaults ← YAML file ← overrides, validated (``for_training=False``: see ``validate``)."""
     cfg = Config()
     if path is not None:
         _apply_file(cfg, Path(path), [])
     for text in overrides:
         set_key(cfg, *parse_override(text))
-    validate(cfg)
+    validate(cfg, for_training)
     return cfg
-
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

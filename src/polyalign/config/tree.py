@@ -1,5 +1,6 @@
 """Typed dataclass config trees addressed by dotted keys: set a key from YAML or ``a.b=c`` text with its type
-checked, read one, list them all, check choices, and turn the tree back into plain data.
+checked, read one, list them all, check choices and value ranges (``Range``), and turn the tree back into plain data.
+YAML files are read with a key given twice in one mapping rejected (PyYAML would keep the last silently).
 
 Shared by the training config (:mod:`polyalign.config`) and the connect config (:mod:`polyalign.config.connect`);
 each owns its schema and validation. Unknown keys and ill-typed values raise :class:`ConfigError` naming the key and
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 from pathlib import Path
 
@@ -46,6 +48,47 @@ def check_choices(cfg, choices: dict[str, tuple]) -> None:
         value = get_key(cfg, key)
         if value not in allowed:
             raise ConfigError(f"config key '{key}' must be one of {', '.join(allowed)}, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """The allowed values of a numeric key: from ``lo`` to ``hi``, each end open or closed; NaN and ±inf never pass."""
+
+    lo: float = -math.inf
+    hi: float = math.inf
+    lo_open: bool = False
+    hi_open: bool = False
+    why: str = ""  # appended to the message, e.g. what the bound protects
+
+    def __contains__(self, x: float) -> bool:
+        finite = isinstance(x, int) or math.isfinite(x)  # an int always is (and may be too large for a float)
+        above = x > self.lo if self.lo_open else x >= self.lo
+        return finite and above and (x < self.hi if self.hi_open else x <= self.hi)
+
+    def __str__(self) -> str:
+        if (self.lo, self.lo_open, self.hi) == (0, True, math.inf):
+            return "positive"
+        if self.hi == math.inf:
+            return f"{'>' if self.lo_open else '>='} {_num(self.lo)}"
+        return f"in {'(' if self.lo_open else '['}{_num(self.lo)}, {_num(self.hi)}{')' if self.hi_open else ']'}"
+
+
+def _num(x: float):
+    return int(x) if float(x).is_integer() else x  # 4294967295, not 4.29497e+09
+
+
+def check_ranges(cfg, ranges: dict[str, Range]) -> None:
+    """Every ``{dotted key: Range}`` entry holds a value in its range (a tuple: each element; a dict: each value,
+    named ``key.name``)."""
+    for key, rule in ranges.items():
+        value = get_key(cfg, key)
+        for name, v in ([(f"{key}.{k}", x) for k, x in value.items()] if isinstance(value, dict) else [(key, value)]):
+            parts = tuple(v) if isinstance(v, (tuple, list)) else (v,)
+            if not all(x in rule for x in parts):
+                each = "each value of " if isinstance(v, (tuple, list)) else ""
+                finite = "finite and " if any(isinstance(x, float) for x in parts) else ""
+                why = f" ({rule.why})" if rule.why else ""
+                raise ConfigError(f"{each}config key '{name}' must be {finite}{rule}{why}, got {v!r}")
 
 
 def _unknown(cfg, key: str) -> ConfigError:
@@ -138,13 +181,54 @@ def parse_override(text: str) -> tuple[str, object]:
     return key.strip(), value
 
 
+class _DuplicateKey(yaml.YAMLError):
+    """A mapping gives ``key`` (dotted from the top) twice, on lines ``first`` and ``second`` (1-based)."""
+
+    def __init__(self, key: str, first: int, second: int):
+        super().__init__(key)
+        self.key, self.first, self.second = key, first, second
+
+
+def _reject_duplicates(node: yaml.Node, prefix: str, seen: set[int]) -> None:
+    """Raise ``_DuplicateKey`` for the first mapping below ``node`` that gives a key twice (``<<`` merges aside)."""
+    if id(node) in seen:  # an alias: checked where its anchor is
+        return
+    seen.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        lines: dict[str, int] = {}
+        for key, value in node.value:
+            if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
+                if key.value in lines:
+                    raise _DuplicateKey(prefix + key.value, lines[key.value], key.start_mark.line + 1)
+                lines[key.value] = key.start_mark.line + 1
+            _reject_duplicates(value, f"{prefix}{getattr(key, 'value', '?')}.", seen)
+    elif isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            _reject_duplicates(item, prefix, seen)
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's SafeLoader, except that a key given twice in one mapping is an error (SafeLoader keeps the last)."""
+
+    def construct_document(self, node):
+        _reject_duplicates(node, "", set())
+        return super().construct_document(node)
+
+
 def read_yaml_mapping(path: Path, what: str = "") -> dict:
-    """The top-level mapping of a YAML config file, or a ``ConfigError`` (missing, invalid YAML, not a mapping);
-    ``what`` adds context to the not-found message."""
+    """The top-level mapping of a YAML config file, or a ``ConfigError`` (missing, invalid YAML, a key given twice,
+    not a mapping); ``what`` adds context to the not-found message."""
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}" + (f" ({what})" if what else ""))
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file {path} cannot be read as UTF-8 text: {e}") from None
+    try:
+        data = yaml.load(text, Loader=UniqueKeyLoader) or {}
+    except _DuplicateKey as e:
+        raise ConfigError(f"config file {path}: key '{e.key}' is given twice (lines {e.first} and {e.second}); YAML "
+                          f"would silently keep only the last: merge them into one") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
     if not isinstance(data, dict):

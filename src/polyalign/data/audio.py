@@ -26,7 +26,7 @@ from scipy.signal import resample_poly
 from polyalign.errors import DataError
 from polyalign.data.audio_augment import AudioAugment, augment_audio, torch_generator  # noqa: F401
 from polyalign.data.base import SkipReport, sample_rng, stable_hash
-from polyalign.data.manifest import read_rows
+from polyalign.data.manifest import BadRow, read_rows
 from polyalign.data.shapes import COLOURS, SHAPES, SIZES, ShapesDataset
 
 
@@ -203,9 +203,9 @@ class SpeechManifest(torch.utils.data.Dataset):
         self.skip_report = SkipReport(total=len(rows))
         self.rows = []
         for number, row in rows:
-            reason = _check_row(row, path.parent)
-            if reason:
-                self.skip_report.skip(reason, f"{path.name}:{number}")
+            problem = row if isinstance(row, BadRow) else _check_row(row, path.parent)
+            if problem is not None:
+                self.skip_report.skip(problem.reason, f"{path.name}:{number}", problem.detail)
             else:
                 self.rows.append(row)
         bad = self.skip_report.n_skipped / max(len(rows), 1)
@@ -254,17 +254,17 @@ class SpeechManifest(torch.utils.data.Dataset):
                 "item": self.rows[i].get("item"), "labels": self.labels(i)}
 
 
-def _check_row(row: dict | None, root: Path) -> str | None:
+def _check_row(row: dict, root: Path) -> BadRow | None:
     """Why a manifest row is unusable, or None."""
-    if row is None or not isinstance(row.get("audio"), str) or not isinstance(row.get("caption"), str):
-        return "bad row"
+    if not isinstance(row.get("audio"), str) or not isinstance(row.get("caption"), str):
+        return BadRow("bad row")
     if not row["caption"].strip():
-        return "empty caption"
+        return BadRow("empty caption")
     file = root / row["audio"]
     if not file.is_file():
-        return "missing audio"
+        return BadRow("missing audio")
     try:
         frames = sf.info(file).frames
     except (sf.LibsndfileError, RuntimeError):
-        return "corrupt audio"
-    return "empty audio" if frames == 0 else None
+        return BadRow("corrupt audio")
+    return BadRow("empty audio") if frames == 0 else None

@@ -79,11 +79,13 @@ def build_speech(manifest: str | Path, out: str | Path, voices=VOICES, sample_ra
     for number, row in rows:
         report.total += 1
         try:
-            caps = string_list((row or {}).get("captions", []) or []) + string_list((row or {}).get("caption", "") or "")
+            if isinstance(row, BadRow):  # not UTF-8, not a JSON object
+                raise row
+            caps = string_list(row.get("captions", []) or []) + string_list(row.get("caption", "") or "")
             if not caps:
-                raise BadRow("empty caption" if row is not None else "bad row")
+                raise BadRow("empty caption")
         except BadRow as e:
-            report.skip(str(e), f"{manifest.name}:{number}")
+            report.skip(e.reason, f"{manifest.name}:{number}", e.detail)
             continue
         for k, text in enumerate(caps[:captions_per_item]):
             rng = sample_rng(seed, k, number)

@@ -36,6 +36,15 @@ from polyalign.models.heads.momentum import ema_update, enqueue
 from polyalign.models.outputs import FusionOutput
 from polyalign.models.sampling import IGNORE, mask_tokens, sample_hard_negatives
 
+
+def take_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x[index]`` for an index (K,) with repeats, with a backward that sums the repeats in a fixed order. On CPU
+    ``x[index]``'s backward (``index_put_`` with accumulate) adds with parallel atomics on 2+ threads from 32768
+    elements, so two runs differed in the last bits; ``index_select``'s (``index_add_``) adds in index order, as
+    one thread does. On CUDA it is the other way round (PyTorch's ``use_deterministic_algorithms`` lists both)."""
+    return x.index_select(0, index) if x.device.type == "cpu" else x[index]
+
+
 class FusionModel(nn.Module):
     """Image encoder + text encoder (ALBEF's first half of BERT) + fusion encoder (the second half), ITC projections,
     ITM and MLM heads, a learnable temperature and momentum copies with feature queues (see the module docstring).
@@ -196,8 +205,8 @@ class FusionModel(nn.Module):
         neg_image = sample_hard_negatives(sim_t2i, index, gen)  # (B,): an image for each text
         neg_text = sample_hard_negatives(sim_i2t, index, gen)  # (B,): a text for each image
         # one fusion pass over the 3B pairs: (w, v) positives, (w, v[neg]) and (w[neg], v) negatives
-        texts, masks = torch.cat([w, w, w[neg_text]]), torch.cat([mask, mask, mask[neg_text]])
-        images = torch.cat([v, v[neg_image], v])
+        texts, masks = torch.cat([w, w, take_rows(w, neg_text)]), torch.cat([mask, mask, mask[neg_text]])
+        images = torch.cat([v, take_rows(v, neg_image), v])
         keep = cfg.gradcam_layer if cfg.soft_mask and torch.is_grad_enabled() else None
         fused, attn = self.fusion.forward_with_attention(texts, masks, images, keep)  # (3B, L, D)
         logits = self.itm_head(fused[:, 0])  # (3B, 2)

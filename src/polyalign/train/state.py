@@ -43,7 +43,8 @@ def _rank_rng_states() -> list[dict]:
 
 
 class Checkpointer:
-    """Saves and restores ``RUN/checkpoints``; rank 0 writes, every rank takes part (RNG states are gathered)."""
+    """Saves and restores ``RUN/checkpoints`` (the latest, previous and best steps are kept, so a damaged checkpoint
+    has an intact one to fall back on); rank 0 writes, every rank takes part (RNG states are gathered)."""
 
     def __init__(self, run_dir: Path, model, optimizer, objective, cfg: Config, val_set=None, tokenizer=None):
         self.dir, self.log_path = Path(run_dir) / "checkpoints", Path(run_dir) / "log.jsonl"
@@ -64,10 +65,10 @@ class Checkpointer:
             self.best = min(self.best, val) if not math.isnan(val) else self.best
             state = {"optimizer": self.optimizer.state_dict(), "scheduler": {"step": step}, "step": step,
                      "rng": states[0], "rng_ranks": states, "best_val_loss": self.best}
-            save_checkpoint(self.dir, step, self.model, state, best=is_best)
             if not math.isnan(val):  # no val split: nothing to log (NaN is not valid JSON)
-                with open(self.log_path, "a") as f:
-                    f.write(json.dumps({"step": step, "val_loss": val}) + "\n")
+                with open(self.log_path, "a") as f:  # before the commit: a resume from `step` keeps it, one from an
+                    f.write(json.dumps({"step": step, "val_loss": val}) + "\n")  # earlier step drops it
+            save_checkpoint(self.dir, step, self.model, state, best=is_best, keep_previous=True)
         dist.barrier()
 
     def resume(self, step: int) -> int:
