@@ -15,7 +15,7 @@ from pathlib import Path
 
 from polyalign.config import load_config
 from polyalign.errors import PolyalignError
-from polyalign.train.checkpoint import find_checkpoint
+from polyalign.train.checkpoint import atomic_write, find_checkpoint, write_json
 
 SUMMARY = "summary.json"
 
@@ -59,8 +59,9 @@ def run_sweep(config: str, seeds: list[int], out: str | Path, overrides: list[st
                                                             "--out", str(out), *overrides]),
                "wall_s_this_invocation": wall, "metrics": summarise(per_seed)}
     out.mkdir(parents=True, exist_ok=True)
-    (out / SUMMARY).write_text(json.dumps(summary, indent=2))
-    (out / "summary.md").write_text(summary_markdown(summary))
+    write_json(out / SUMMARY, summary, sort_keys=False)  # atomic: a kill leaves the old summary or the new one
+    text = summary_markdown(summary)
+    atomic_write(out / "summary.md", lambda p: p.write_text(text))
     return summary
 
 

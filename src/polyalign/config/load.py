@@ -1,6 +1,7 @@
 """Loading and saving a training config: defaults ← YAML recipe (with ``base:``) ← ``a.b=c`` overrides, validated."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import yaml
@@ -35,4 +36,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), for_t
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    """The config as YAML at ``path``, replaced atomically (a kill leaves the old file or the new one)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
