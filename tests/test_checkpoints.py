@@ -14,7 +14,8 @@ from polyalign.app.training import train
 from polyalign.config import load_config
 from polyalign.errors import PolyalignError, TrainingError
 from polyalign.train import checkpoint, state
-from polyalign.train.checkpoint import find_checkpoint, load_state, load_weights, save_checkpoint, truncate_log
+from polyalign.train.checkpoint import find_checkpoint, load_state, load_weights, save_checkpoint
+from polyalign.train.files import truncate_log
 
 from conftest import TINY
 

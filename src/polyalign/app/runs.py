@@ -19,7 +19,8 @@ from polyalign.errors import ConfigError, PolyalignError
 from polyalign.models.build import build_model
 from polyalign.models.interface import Model
 from polyalign.tokenizer import Tokenizer, special_ids_of
-from polyalign.train.checkpoint import find_checkpoint, load_weights, write_json
+from polyalign.train.checkpoint import find_checkpoint, load_weights
+from polyalign.train.files import write_json
 
 DEMO_MARKER = ".polyalign-demo"  # written into a demo's run directory: the demo replaces only such a folder
 RUN_FILES = {"config.yaml", "tokenizer.json", "tags.json", "log.jsonl", "loss.png", "metrics.json",

@@ -15,7 +15,8 @@ from pathlib import Path
 
 from polyalign.config import load_config
 from polyalign.errors import PolyalignError
-from polyalign.train.checkpoint import atomic_write, find_checkpoint, write_json
+from polyalign.train.checkpoint import find_checkpoint
+from polyalign.train.files import atomic_write, write_json
 
 SUMMARY = "summary.json"
 

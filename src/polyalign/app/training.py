@@ -21,7 +21,8 @@ from polyalign.errors import ConfigError, PolyalignError
 from polyalign.losses.objective import Objective
 from polyalign.models.build import build_model
 from polyalign.tokenizer import special_ids_of
-from polyalign.train.checkpoint import atomic_write, find_checkpoint, truncate_log
+from polyalign.train.checkpoint import find_checkpoint
+from polyalign.train.files import truncate_log
 from polyalign.train.curves import plot_curves
 from polyalign.train.fit import Job, fit
 from polyalign.train.meter import StepMeter
@@ -68,7 +69,7 @@ def _set_up(cfg: Config, out: Path, device, resume: bool, show_progress: bool) -
     if resume:
         _check_resumed_config(cfg, out)
     if main:
-        atomic_write(out / "config.yaml", lambda p: save_config(cfg, p))
+        save_config(cfg, out / "config.yaml")  # atomically
         if not resumed:
             _start_log(out)
     if t.threads:

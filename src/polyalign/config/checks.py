@@ -195,24 +195,11 @@ def _check_fdt(f: FdtConfig) -> None:
 
 def check_augment_config(cfg: AugmentConfig) -> None:
     """Raise ``ConfigError`` naming the ``data.augment.<field>`` key that holds an impossible value."""
-    for name in ("flip", "blur", "grayscale", "color_jitter_p", "noise", "cutout"):
-        p = getattr(cfg, name)
-        if not 0.0 <= p <= 1.0:
-            raise ConfigError(f"data.augment.{name} must be a probability in [0, 1], got {p}")
-    try:
-        lo, hi = cfg.crop_scale
-    except (TypeError, ValueError):
-        raise ConfigError(f"data.augment.crop_scale must be a pair (lo, hi), got {cfg.crop_scale!r}") from None
-    if not 0.0 < lo <= hi <= 1.0:
-        raise ConfigError(f"data.augment.crop_scale must satisfy 0 < lo <= hi <= 1, got {cfg.crop_scale!r}")
-    try:
-        lo, hi = cfg.crop_ratio
-    except (TypeError, ValueError):
-        raise ConfigError(f"data.augment.crop_ratio must be a pair (lo, hi), got {cfg.crop_ratio!r}") from None
-    if not 0.0 < lo <= hi:
-        raise ConfigError(f"data.augment.crop_ratio must satisfy 0 < lo <= hi, got {cfg.crop_ratio!r}")
-    if cfg.color_jitter < 0:
-        raise ConfigError(f"data.augment.color_jitter must be >= 0, got {cfg.color_jitter}")
+    check_ranges(cfg, RANGES, "data.augment")  # probabilities, positive crop bounds, jitter strength
+    for name in ("crop_scale", "crop_ratio"):
+        pair = getattr(cfg, name)
+        if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and pair[0] <= pair[1]):
+            raise ConfigError(f"data.augment.{name} must be a pair (lo, hi) with lo <= hi, got {pair!r}")
 
 
 def check_fusion_config(cfg: FusionConfig, prefix: str = "model.fusion") -> None:
@@ -220,28 +207,13 @@ def check_fusion_config(cfg: FusionConfig, prefix: str = "model.fusion") -> None
     def bad(name, why):
         return ConfigError(f"{prefix}.{name} {why}, got {getattr(cfg, name)!r}")
 
+    check_ranges(cfg, RANGES, "model.fusion")  # layers, queue, momentum, α and its ramp, mlm_prob, γ, λ, weights
     if not (cfg.itc_weight or cfg.itm_weight or cfg.mlm_weight):
         raise ConfigError(f"{prefix}: itc_weight, itm_weight and mlm_weight are all 0; nothing to train")
-    if cfg.fusion_layers < 1:
-        raise bad("fusion_layers", "must be >= 1")
-    if cfg.queue_size < 0:
-        raise bad("queue_size", "must be >= 0")
-    if not 0.0 <= cfg.momentum <= 1.0:
-        raise bad("momentum", "must lie in [0, 1]")
-    if not 0.0 <= cfg.alpha <= 1.0:
-        raise bad("alpha", "must lie in [0, 1]")
-    if cfg.alpha_ramp_steps < 0:
-        raise bad("alpha_ramp_steps", "must be >= 0")
     lo, hi = cfg.temperature_range
     if not 0.0 < lo <= cfg.init_temperature <= hi:
         raise ConfigError(f"{prefix}: need 0 < temperature_range[0] <= init_temperature <= temperature_range[1], "
                           f"got {cfg.temperature_range!r} and {cfg.init_temperature!r}")
-    if not 0.0 < cfg.mlm_prob < 1.0:
-        raise bad("mlm_prob", "must lie in (0, 1)")
-    if cfg.focal_gamma < 0:
-        raise bad("focal_gamma", "must be >= 0")
-    if not 0.0 <= cfg.soft_mask_lambda <= 1.0:
-        raise bad("soft_mask_lambda", "must lie in [0, 1]")
     if cfg.soft_mask:
         if not cfg.itm_weight:
             raise ConfigError(f"{prefix}.soft_mask needs the ITM loss (itm_weight > 0): soft masks make ITM pairs")

@@ -77,11 +77,15 @@ def _num(x: float):
     return int(x) if float(x).is_integer() else x  # 4294967295, not 4.29497e+09
 
 
-def check_ranges(cfg, ranges: dict[str, Range]) -> None:
+def check_ranges(cfg, ranges: dict[str, Range], section: str = "") -> None:
     """Every ``{dotted key: Range}`` entry holds a value in its range (a tuple: each element; a dict: each value,
-    named ``key.name``)."""
+    named ``key.name``). With ``section`` (e.g. ``model.fusion``), ``cfg`` is that section alone and only its keys
+    are checked, still named in full."""
+    start = f"{section}." if section else ""
     for key, rule in ranges.items():
-        value = get_key(cfg, key)
+        if not key.startswith(start):
+            continue
+        value = get_key(cfg, key[len(start):])
         for name, v in ([(f"{key}.{k}", x) for k, x in value.items()] if isinstance(value, dict) else [(key, value)]):
             parts = tuple(v) if isinstance(v, (tuple, list)) else (v,)
             if not all(x in rule for x in parts):

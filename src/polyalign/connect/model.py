@@ -16,7 +16,7 @@ from polyalign.config.connect import ConnectConfig, ConnectMethod
 from polyalign.config.tree import to_dict
 from polyalign.connect.projectors import CMCRProjector, FixedSpace, ResidualProjector
 from polyalign.errors import ConfigError, DataError
-from polyalign.train.checkpoint import atomic_write, write_json
+from polyalign.train.files import atomic_write, write_json
 
 
 class ConnectedSpaces(nn.Module):

@@ -32,7 +32,8 @@ from polyalign.connect.evaluate import check_eval_dims, evaluate, load_eval_sets
 from polyalign.connect.model import ConnectedSpaces
 from polyalign.connect.train import train_connection
 from polyalign.errors import ConfigError
-from polyalign.train.checkpoint import atomic_write, find_checkpoint, load_state, write_json
+from polyalign.train.checkpoint import find_checkpoint, load_state
+from polyalign.train.files import atomic_write, write_json
 
 
 def _changed_keys(saved: Path, cfg: ConnectConfig) -> list[str]:

@@ -20,7 +20,8 @@ from polyalign.connect.model import ConnectedSpaces
 from polyalign.errors import ConfigError, TrainingError
 from polyalign.losses.cmcr import add_noise, cmcr_loss, soft_retrieve
 from polyalign.train.checkpoint import (find_checkpoint, load_state, load_weights, rng_state, save_checkpoint,
-                                        set_rng_state, truncate_log)
+                                        set_rng_state)
+from polyalign.train.files import truncate_log
 from polyalign.train.optim import adamw, cosine_lr, set_lr
 
 

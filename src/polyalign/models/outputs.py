@@ -35,7 +35,7 @@ class Output:
                 if f.metadata.get("gather") and getattr(self, f.name) is not None]
 
     def fields_set(self) -> set[str]:
-        """Names of the fields this output carries (its own tensors and numbers that are not None)."""
+        """Names of the tensor fields this output carries (not None); the always-set numbers (α, γ) are left out."""
         return {f.name for f in dataclasses.fields(self) if f.name not in ("stats", "gathered", "rank_offset")
                 and getattr(self, f.name) is not None and not isinstance(getattr(self, f.name), float)}
 

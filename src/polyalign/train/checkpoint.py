@@ -18,7 +18,6 @@ import contextlib
 import hashlib
 import io
 import json
-import os
 import random
 import re
 import shutil
@@ -31,47 +30,12 @@ from safetensors.torch import load_file, save as save_safetensors
 
 from polyalign import distributed as dist
 from polyalign.errors import PolyalignError, TrainingError
+from polyalign.train.files import atomic_write, write_json
 
 POINTERS = ("latest", "best")
 STEP_FILE = re.compile(r"step-(\d+)\.(safetensors|state\.pt)")
 _warned: set[str] = set()  # each warning once per process (find_checkpoint runs several times per command)
-
-
-def atomic_write(path: Path, write) -> None:
-    """``write(tmp)`` then rename onto ``path`` (fsynced first); on any error the temp file is removed."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
-        raise
-
-
-def write_json(path: Path, obj, sort_keys: bool = True) -> None:
-    """``obj`` as indented JSON at ``path``, replaced atomically (a kill leaves the old file or the new one)."""
-    text = json.dumps(obj, indent=2, sort_keys=sort_keys)
-    atomic_write(Path(path), lambda p: p.write_text(text))
-
-
-def truncate_log(path: Path, step: int) -> list[dict]:
-    """Keep the rows of a ``log.jsonl`` up to ``step`` (a resumed run logs the later ones again), dropping torn or
-    unreadable lines (a kill mid-write); the file is replaced atomically. Returns the rows kept."""
-    path, rows = Path(path), []
-    if not path.exists():
-        return rows
-    for line in path.read_text(errors="replace").splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:  # torn: it was being written
-            continue
-        if isinstance(row, dict) and type(row.get("step")) is int and row["step"] <= step:
-            rows.append(row)
-    atomic_write(path, lambda p: p.write_text("".join(json.dumps(r) + "\n" for r in rows)))
-    return rows
+_hashed: dict[tuple, str] = {}  # (path, inode, size, mtime) → SHA-256 (see _sha256)
 
 
 def rng_state() -> dict:
@@ -200,11 +164,16 @@ def _steps_on_disk(ckpt_dir: Path) -> set[int]:
 
 
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
-    return h.hexdigest()
+    """The file's SHA-256, computed once per version (inode, size, mtime): finding and then loading reuse it."""
+    st = path.stat()
+    key = (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
+    if key not in _hashed:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 24):
+                h.update(chunk)
+        _hashed[key] = h.hexdigest()
+    return _hashed[key]
 
 
 def _parse(path: Path):

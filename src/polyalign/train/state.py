@@ -13,7 +13,8 @@ from polyalign.config import Config
 from polyalign.data.loader import Collator, to_model_inputs
 from polyalign.train.amp import autocast
 from polyalign.train.checkpoint import (find_checkpoint, load_state, load_weights, rng_state, save_checkpoint,
-                                       set_rng_state, truncate_log)
+                                       set_rng_state)
+from polyalign.train.files import truncate_log
 
 
 @torch.no_grad()
