@@ -114,8 +114,12 @@ ALBEF = ["loss.weights.clip=0", "loss.weights.itc=1", "loss.weights.itm=1", "los
          "model.fusion.alpha_ramp_steps=30", "eval.rerank_k=10"]
 
 
-@pytest.mark.parametrize("nproc,extra", [(1, []), (2, []), (1, MCT_MOCO), (1, ALBEF)],
-                         ids=["1proc", "2proc", "mct-moco", "albef"])
+# the pretrained tower with its last blocks tuned: the frozen prefix's cache is rebuilt on resume, the same values
+EFFNET = ["model.image.kind=efficientnet_lite0", "model.image.train_blocks=2"]
+
+
+@pytest.mark.parametrize("nproc,extra", [(1, []), (2, []), (1, MCT_MOCO), (1, ALBEF), (1, EFFNET)],
+                         ids=["1proc", "2proc", "mct-moco", "albef", "efficientnet"])
 def test_resume_after_sigkill_is_exact(tmp_path, tiny_overrides, nproc, extra):
     over = tiny_overrides + extra + ["train.max_steps=48", "train.checkpoint_every=10", "data.num_workers=1",
                                      "model.image.dropout=0.1", "model.text.dropout=0.1"]  # dropout: RNG state must resume

@@ -85,9 +85,11 @@ def _set_up(cfg: Config, out: Path, device, resume: bool, show_progress: bool) -
     tag_names = prepare_views(cfg, datasets, out, main, reuse=resumed)
     model = build_model(cfg.model, cfg.data.image_size, tokenizer.vocab_size, cfg.loss, tag_names,
                         special_ids_of(tokenizer)).to(device)
-    t0 = time.perf_counter()
-    if (n := model.prepare(tokenizer, datasets["train"].all_captions())) and main:  # a locked pretrained tower
-        print(f"cached the locked text tower's outputs for {n} captions in {time.perf_counter() - t0:.0f} s")
+    t0, train_ds = time.perf_counter(), datasets["train"]
+    images = () if cfg.data.augment.enabled or "image" not in cfg.model.modalities else (  # augmented: never hit
+        train_ds.image(i).float() / 255 for i in range(len(train_ds)))  # as the loader makes them
+    if (n := model.prepare(tokenizer, train_ds.all_captions(), images)) and main:  # frozen pretrained towers
+        print(f"cached the frozen towers' outputs for {n} captions and images in {time.perf_counter() - t0:.0f} s")
     optimizer, objective = build_optimizer(model, t), Objective(cfg.loss, cfg.model.modalities)
     checkpointer = Checkpointer(out, model, optimizer, objective, cfg, datasets.get("val"), tokenizer)
     start = checkpointer.resume(last) if resumed else 0

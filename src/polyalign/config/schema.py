@@ -57,14 +57,20 @@ class DataConfig:
 
 @dataclass
 class ImageEncoderConfig:
-    kind: str = "cnn"  # cnn | vit (the CNN learns faster on the small demo budget)
-    pool: str = ""  # cls | mean; "" = the encoder's own (vit: cls, cnn: mean)
+    # cnn | vit (the CNN learns faster on the small demo budget) | efficientnet_lite0|1|2 (ImageNet-pretrained;
+    # width, layers, heads, patch_size, mlp_ratio and dropout do not apply; tokens are the last feature map's cells)
+    kind: str = "cnn"
+    pool: str = ""  # cls | mean; "" = the encoder's own (vit: cls, cnn and efficientnet: mean)
     width: int = 128
     layers: int = 3
     heads: int = 4
     patch_size: int = 8
     mlp_ratio: float = 4.0
     dropout: float = 0.0
+    # pretrained towers (efficientnet_*)
+    lock: bool = False  # freeze the whole tower (its BatchNorm statistics too)
+    train_blocks: int = -1  # fine-tune only the last K MBConv blocks and the head conv; -1 = all
+    cache: bool = True  # a frozen prefix's outputs are computed once per un-augmented training image and reused
 
 
 @dataclass
@@ -230,7 +236,7 @@ class Config:
 
 CHOICES = {
     "data.name": ("shapes", "manifest", "shapes_audio", "speech", "shapes3d"),
-    "model.image.kind": ("vit", "cnn"),
+    "model.image.kind": ("vit", "cnn", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"),
     "model.text.kind": ("transformer", "hf"),
     "model.audio.kind": ("cnn",),
     "model.points.kind": ("pointnet",),
@@ -288,4 +294,5 @@ RANGES = {  # every numeric key → its allowed values (a tuple: each element; a
     "model.text.context_length": Range(3, why="room for [CLS], one token and [SEP]"),
     "model.fusion.mlm_prob": Range(0, 1, lo_open=True, hi_open=True),
     "train.grad_clip": Range(0, why="0 = no clipping"), "data.seed": SEED, "train.seed": SEED,
+    "model.image.train_blocks": Range(-1, why="-1 = all blocks"),
 }  # not here: train.eval_every (must be 0) and model.fusion.gradcam_layer (an index into the fusion layers)

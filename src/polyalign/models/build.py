@@ -11,6 +11,7 @@ from polyalign.config import FUSION_TERMS, LossConfig, ModelConfig, fusion_setti
 from polyalign.errors import ConfigError
 from polyalign.models.dual import DualEncoder, IntraHeads
 from polyalign.models.encoders.audio import AudioCNN
+from polyalign.models.encoders.efficientnet import EfficientNetLite
 from polyalign.models.encoders.image import ConvNet, ViT
 from polyalign.models.encoders.points import PointNet
 from polyalign.models.encoders.text import HFTextEncoder, TextTransformer
@@ -27,6 +28,8 @@ def build_encoder(cfg: ModelConfig, modality: str, image_size: int, vocab_size: 
         ic = cfg.image
         if ic.kind == "vit":
             return ViT(image_size, ic.patch_size, ic.width, ic.layers, ic.heads, ic.mlp_ratio, ic.dropout)
+        if ic.kind.startswith("efficientnet_"):
+            return EfficientNetLite(ic.kind, pretrained=True, lock=ic.lock, train_blocks=ic.train_blocks, cache=ic.cache)
         return ConvNet(ic.width, ic.layers)
     if modality == "text":
         tc = cfg.text

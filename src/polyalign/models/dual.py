@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from polyalign.models.encoders.efficientnet import warm_image_cache
 from polyalign.models.encoders.text import trim_padding, warm_cache
 from polyalign.models.heads.fdt import FDTHead
 from polyalign.models.heads.momentum import MomentumEncoder
@@ -66,9 +67,11 @@ class DualEncoder(nn.Module):
     def all_parameters_used(self) -> bool:
         return self.clip_on  # no clip term: the projection heads (and, without text_text, the text tower) idle
 
-    def prepare(self, tokenizer, captions) -> int:
-        """Cache a locked pretrained text tower's outputs for every training caption (0: nothing to cache)."""
-        return warm_cache(self.text_encoder, tokenizer, captions) if "text" in self.modalities else 0
+    def prepare(self, tokenizer, captions, images=()) -> int:
+        """Cache frozen pretrained towers' outputs: a locked text tower's for every training caption, a frozen image
+        prefix's for ``images`` (0: nothing to cache)."""
+        n = warm_cache(self.text_encoder, tokenizer, captions) if "text" in self.modalities else 0
+        return n + (warm_image_cache(self.image_encoder, images) if "image" in self.modalities else 0)
 
     def scale(self) -> torch.Tensor:
         return self.logit_scale.clamp(0.0, self.max_log_scale).exp()

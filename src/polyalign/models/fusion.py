@@ -28,6 +28,7 @@ from torch import nn
 from polyalign import distributed as dist
 from polyalign.config import FusionConfig, check_fusion_config
 from polyalign.errors import ConfigError
+from polyalign.models.encoders.efficientnet import warm_image_cache
 from polyalign.models.encoders.text import trim_padding, warm_cache
 from polyalign.models.heads.fusion import FusionEncoder, MLMHead, itm_head
 from polyalign.models.heads.gradcam import apply_soft_mask, gradcam, pick_words, word_masks
@@ -104,9 +105,10 @@ class FusionModel(nn.Module):
     def all_parameters_used(self) -> bool:
         return self.clip_on  # without ITC the projections and the temperature get no gradient
 
-    def prepare(self, tokenizer, captions) -> int:
-        """Cache a locked pretrained text tower's outputs for every training caption (0: nothing to cache)."""
-        return warm_cache(self.text_encoder, tokenizer, captions)
+    def prepare(self, tokenizer, captions, images=()) -> int:
+        """Cache frozen pretrained towers' outputs: a locked text tower's for every training caption, a frozen image
+        prefix's for ``images`` (0: nothing to cache)."""
+        return warm_cache(self.text_encoder, tokenizer, captions) + warm_image_cache(self.image_encoder, images)
 
     # --- inference API (retrieval, zero-shot, probes, re-ranking) ---
     def scale(self) -> torch.Tensor:

@@ -25,8 +25,9 @@ class Model(Protocol):
     def after_step(self, out: Output) -> None:
         """Called after each optimiser step with the (gathered) output: EMA teachers, queues, clamps."""
 
-    def prepare(self, tokenizer, captions: list[str]) -> int:
-        """Once before training: e.g. cache a locked text tower's outputs. Returns the number of items prepared."""
+    def prepare(self, tokenizer, captions: list[str], images=()) -> int:
+        """Once before training: cache frozen towers' outputs (a locked text tower's per caption, a frozen image
+        prefix's per un-augmented training image, ``images``: (3, H, W) floats in [0, 1]). Returns the number cached."""
 
     def scale(self) -> torch.Tensor:
         """The contrastive logit scale (1 / temperature), as logged."""
