@@ -13,7 +13,7 @@ import pytest
 from polyalign.cli import build_parser, main
 from polyalign.config import Config, flat_items, load_config
 from polyalign.config.connect import load_connect_config
-from polyalign.config.schema import RANGES
+from polyalign.config.tables import RANGES
 from polyalign.config.tree import read_yaml_mapping
 from polyalign.errors import ConfigError
 

@@ -211,11 +211,18 @@ def test_evaluate_end_to_end(tmp_path):
     model = ToyModel().train()
     results = evaluate(model, toy_tokenizer, ToyDataset(60, offset=7), ToyDataset(40), batch_size=16,
                        probe_max_train=45, max_captions=2, chunk_size=13, out_dir=tmp_path)
-    retrieval = {f"retrieval/{d}_R@{k}" for d in ("t2i", "i2t") for k in (1, 5, 10)} | {"retrieval/rsum"}
-    assert set(results) == retrieval | {"zeroshot/color_acc", "zeroshot/size_acc", "probe/color_acc"}
+    figures = {f"{p}/{d}_R@{k}" for p in ("retrieval", "retrieval_any") for d in ("t2i", "i2t") for k in (1, 5, 10)}
+    figures |= {"retrieval/rsum", "retrieval_any/rsum", "retrieval_any/t2i_MdR", "retrieval_any/i2t_MdR",
+                "zeroshot/color_acc", "zeroshot/size_acc"}
+    with_ci = figures | {f"{k}_ci_{end}" for k in figures for end in ("low", "high")}
+    assert set(results) == with_ci | {"probe/color_acc"}
     assert all(isinstance(v, float) for v in results.values())
+    assert all(results[f"{k}_ci_low"] <= results[k] <= results[f"{k}_ci_high"] for k in figures)
     assert results["zeroshot/color_acc"] == results["zeroshot/size_acc"] == 1.0
     assert results["retrieval/t2i_R@10"] == 1.0  # every colour×size group (≤ 7 images) is tied at the top
+    # the oracle puts a right image first for every caption, but not always the caption's own image
+    assert results["retrieval/t2i_R@1"] < 1.0 and results["retrieval_any/t2i_R@1"] == 1.0
+    assert results["retrieval_any/i2t_R@1"] == 1.0 and results["retrieval_any/t2i_MdR"] == 1.0
     assert results["probe/color_acc"] > 0.9
     assert model.training and model.modes_seen == {False}
     assert (tmp_path / "retrieval_examples.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -254,3 +261,24 @@ def test_bf16_retrieval_agrees_with_fp32_on_separated_data():
     assert 0.2 < fp32["t2i_R@1"] < 1.0
     for key in fp32:
         assert bf16[key] == pytest.approx(fp32[key], abs=0.03), key
+
+
+class AntiModel(ToyModel):
+    """The oracle turned around: every caption scores its right images lowest."""
+
+    def encode_text(self, ids, mask):
+        return -super().encode_text(ids, mask)
+
+
+class OneConcept(ToyDataset):
+    def concept_id(self, i):
+        return "the same concept"
+
+
+def test_evaluate_counts_items_of_the_query_concept_as_right():
+    kwargs = dict(zeroshot_fields=[], max_captions=2, n_examples=0, bootstrap=0)
+    plain = evaluate(AntiModel(), toy_tokenizer, ToyDataset(30), ToyDataset(40), **kwargs)
+    assert plain["retrieval_any/t2i_R@1"] < 0.5 and not any(k.endswith(("_ci_low", "_ci_high")) for k in plain)
+    one = evaluate(AntiModel(), toy_tokenizer, ToyDataset(30), OneConcept(40), **kwargs)  # every image is right
+    assert one["retrieval_any/t2i_R@1"] == one["retrieval_any/i2t_R@1"] == one["retrieval_any/t2i_MdR"] == 1.0
+    assert one["retrieval/t2i_R@1"] == plain["retrieval/t2i_R@1"]

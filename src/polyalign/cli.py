@@ -4,12 +4,12 @@
     polyalign eval RUN_DIR [key=value ...] [--which latest|best]
     polyalign demo [--out DIR] [key=value ...]
     polyalign sweep CONFIG.yaml --seeds 0,1,2 --out DIR [key=value ...]
-    polyalign table SWEEP_DIR [SWEEP_DIR ...] --metrics a,b [--names x,y]
+    polyalign table SWEEP_DIR [SWEEP_DIR ...] --metrics a,b [--names x,y] [--baseline NAME]
     polyalign connect CONFIG.yaml [key=value ...] [--out DIR] [--resume]
     polyalign embed RUN_DIR [data.key=value ...] --modality M (--split S | --manifest M | --texts F) --out PREFIX
     polyalign data shapes --out DIR [--train-size N] [--test-size N]
     polyalign data speech --manifest M --out DIR [--voices v1,v2] [--captions-per-item K] [--limit N]
-    polyalign data emoji --out DIR [--styles google,twitter] [--source PATH ...] [--cache DIR] [--allow-unlicensed]
+    polyalign data emoji --out DIR [--styles google,twitter,fluent,emojione] [--size N] [--source PATH ...] [--cache DIR]
     polyalign --version
 
 Options and ``key=value`` overrides mix in any order (``polyalign eval RUN --which best eval.max_captions=1``).
@@ -87,9 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
     sh.add_argument("--image-size", type=int, default=48)
     sh.add_argument("--seed", type=int, default=0)
     sh.set_defaults(func=cmd_data_shapes)
-    em = gs.add_parser("emoji", help="emoji images + names/tags from npm emoji-datasource-<style> and emojibase-data")
+    em = gs.add_parser("emoji", help="emoji images (npm emoji-datasource-<style> PNGs, @iconify-json SVG sets) + "
+                                     "names/tags from emojibase-data, with concept and leave-one-style-out splits")
     em.add_argument("--out", required=True)
-    em.add_argument("--styles", default="google,twitter", help="comma-separated; the last one is the style-split test")
+    em.add_argument("--styles", default="google,twitter",
+                    help="comma-separated, of google, twitter, fluent, emojione (open licences); the last one is the "
+                         "style_test split, and each one a leave-one-style-out test")
+    em.add_argument("--size", type=int, default=64, help="image side in pixels (SVG styles are drawn at this size)")
     em.add_argument("--source", action="append", default=[], metavar="PATH",
                     help="an `npm pack` tarball or extracted package folder (repeatable); others come from npm")
     em.add_argument("--cache", default="cache/npm", help="where `npm pack` tarballs are kept and reused")
@@ -109,10 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--seeds", type=_int_list, default=[0, 1, 2], help="comma-separated seeds (default 0,1,2)")
     sw.add_argument("--out", help="sweep directory (default runs/<recipe name>); seed s trains into OUT/seed-s")
     sw.set_defaults(func=cmd_sweep)
-    tb = sub.add_parser("table", help="a markdown table of several sweeps' mean ± std")
+    tb = sub.add_parser("table", help="a markdown table of several sweeps' mean ± std, and each sweep's paired "
+                                      "difference (by seed) to a baseline sweep with its 95%% t-interval")
     tb.add_argument("sweeps", nargs="+", help="sweep directories (holding summary.json)")
     tb.add_argument("--metrics", required=True, help="comma-separated metric keys, e.g. retrieval/t2i_R@1")
     tb.add_argument("--names", default="", help="comma-separated row names (default: directory names)")
+    tb.add_argument("--baseline", default="", help="the row name of the sweep the others are compared with, "
+                                                   "seed by seed (default: the first)")
     tb.set_defaults(func=cmd_table)
     c = sub.add_parser("connect", help="connect two embedding spaces that share a modality (C-MCR) from embedding files")
     c.add_argument("config", help="YAML naming the embedding files and hyperparameters (keys: see polyalign.connect)")

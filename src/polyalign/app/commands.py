@@ -90,7 +90,8 @@ def cmd_table(args) -> int:
     from polyalign.app.sweep import compare_table
 
     names = [n.strip() for n in args.names.split(",")] if args.names else None
-    print(compare_table(args.sweeps, [m.strip() for m in args.metrics.split(",") if m.strip()], names), end="")
+    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
+    print(compare_table(args.sweeps, metrics, names, baseline=args.baseline or None), end="")
     return 0
 
 
@@ -150,13 +151,22 @@ def cmd_data_emoji(args) -> int:
     from polyalign.data.emoji import build_emoji_dataset
 
     info = build_emoji_dataset(args.out, [s.strip() for s in args.styles.split(",") if s.strip()], args.source,
-                               args.cache, allow_unlicensed=args.allow_unlicensed)
-    rows = ", ".join(f"{name} {n}" for name, n in info["rows"].items())
-    print(f"emoji: {info['concepts']} concepts ({info['concepts_in_all_styles']} in every style); rows: {rows}")
+                               args.cache, allow_unlicensed=args.allow_unlicensed, size=args.size)
+    print(f"emoji: {info['concepts']} concepts ({info['concepts_in_all_styles']} in every style), "
+          f"{info['concept_groups']} concept groups, {info['image_size']} px")
     for style, rep in info["skipped"].items():
         why = ", ".join(f"{reason}: {n}" for reason, n in rep["skipped"].items()) or "none"
-        print(f"  {style}: skipped {sum(rep['skipped'].values())} of {rep['total']} ({why})"
-              + (f"; e.g. {'; '.join(rep['examples'][:3])}" if rep["examples"] else ""))
+        matched = info["icon_matches"].get(style)
+        print(f"  {style}: {info['rows_per_style'][style]} images; skipped {sum(rep['skipped'].values())} of "
+              f"{rep['total']} ({why})" + (f"; e.g. {'; '.join(rep['examples'][:3])}" if rep["examples"] else "")
+              + (f"; icons matched by {', '.join(f'{k} {n}' for k, n in matched.items())}" if matched else ""))
+    print("rows: " + ", ".join(f"{name} {n}" for name, n in info["rows"].items()))
+    split, per = info["concept_split"], info["concepts_per_split"]
+    print(f"concept split: {per['concept_train']} train / {per['concept_test']} test concepts; groups on both "
+          f"sides {split['grouped_split']['groups_on_both_sides']} (ungrouped hash split: "
+          f"{split['ungrouped_hash_split']['groups_on_both_sides']} groups, "
+          f"{split['ungrouped_hash_split']['test_concepts_with_a_variant_in_train']} test concepts with a variant "
+          f"in train)")
     print(f"wrote {args.out} in {info['elapsed_s']:.1f} s (licences and counts in {Path(args.out) / 'README.txt'})")
     return 0
 

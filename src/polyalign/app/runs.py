@@ -132,11 +132,12 @@ def evaluate_run(cfg: Config, model: torch.nn.Module, tok: Tokenizer, datasets: 
                            probe_field=e.probe_field or None, probe_max_train=e.probe_max_train,
                            max_captions=e.max_captions, chunk_size=e.chunk_size, precision=e.precision, out_dir=run_dir,
                            n_examples=e.n_examples, tag_min_count=cfg.data.tag_min_count, max_tags=cfg.data.max_tags,
-                           modalities=cfg.model.modalities)
+                           modalities=cfg.model.modalities, bootstrap=e.bootstrap_resamples)
         if e.rerank_k and model.has_itm:  # fusion model: ITC top-k re-ranked by ITM, as ALBEF does
             from polyalign.eval.rerank import evaluate_rerank
 
-            metrics |= evaluate_rerank(model, tok, test, k=e.rerank_k, max_captions=e.max_captions)
+            metrics |= evaluate_rerank(model, tok, test, k=e.rerank_k, max_captions=e.max_captions,
+                                       bootstrap=e.bootstrap_resamples)
     return metrics
 
 

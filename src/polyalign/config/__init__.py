@@ -6,10 +6,10 @@
 """
 from polyalign.config.checks import check_augment_config, check_fusion_config, check_loss, fusion_settings, validate
 from polyalign.config.load import load_config, save_config
-from polyalign.config.schema import (CHOICES, DATA_MODALITIES, FUSION_TERMS, IMAGE_TEXT_TERMS, LOSS_TERMS, RANGES,
-                                     AudioEncoderConfig, AugmentConfig, Config, DataConfig, EvalConfig, FdtConfig,
+from polyalign.config.schema import (AudioEncoderConfig, AugmentConfig, Config, DataConfig, EvalConfig, FdtConfig,
                                      FusionConfig, ImageEncoderConfig, LossConfig, MocoConfig, ModelConfig,
                                      PointsEncoderConfig, TextEncoderConfig, TrainConfig)
+from polyalign.config.tables import (CHOICES, DATA_MODALITIES, FUSION_TERMS, IMAGE_TEXT_TERMS, LOSS_TERMS, RANGES)
 from polyalign.config.tree import flat_items, get_key, parse_override, set_key, to_dict
 
 __all__ = [

@@ -8,9 +8,9 @@ import difflib
 import json
 from pathlib import Path
 
-from polyalign.config.schema import (CHOICES, DATA_MODALITIES, FIRST_MODALITIES, FUSION_TERMS, IMAGE_TEXT_TERMS,
-                                     LOSS_TERMS, RANGES, SECOND_MODALITIES, TEMPERATURE_TERMS, AugmentConfig, Config,
-                                     FdtConfig, FusionConfig, LossConfig, ModelConfig)
+from polyalign.config.schema import (AugmentConfig, Config, FdtConfig, FusionConfig, LossConfig, ModelConfig)
+from polyalign.config.tables import (CHOICES, DATA_MODALITIES, FIRST_MODALITIES, FUSION_TERMS, IMAGE_TEXT_TERMS,
+                                     LOSS_TERMS, RANGES, SECOND_MODALITIES, TEMPERATURE_TERMS)
 from polyalign.config.tree import check_choices, check_ranges
 from polyalign.errors import ConfigError
 

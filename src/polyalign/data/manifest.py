@@ -218,7 +218,7 @@ class ManifestDataset(ImageTextDataset):
         self.prompt_templates = {name: self.DEFAULT_TEMPLATES for name in label_fields}
         rows = read_rows(path)
         self.skip_report = SkipReport(total=len(rows))
-        images, self._captions, labels, self._tags = [], [], [], []
+        images, self._captions, labels, self._tags, self._concepts = [], [], [], [], []
         notes: list[str] = []  # image paths found only with '/' for '\\'
         old_truncated, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
         try:
@@ -233,6 +233,8 @@ class ManifestDataset(ImageTextDataset):
                 self._captions.append(caps)
                 labels.append(label)
                 self._tags.append(tags)
+                concept = row.get("concept_id")  # items of one concept (e.g. its styles) are each a right answer
+                self._concepts.append(None if concept in (None, "") else str(concept))
         finally:
             ImageFile.LOAD_TRUNCATED_IMAGES = old_truncated
         if notes:
@@ -276,3 +278,7 @@ class ManifestDataset(ImageTextDataset):
 
     def tags(self, i: int) -> list[str]:
         return self._tags[i]
+
+    def concept_id(self, i: int):
+        """The row's ``concept_id`` (None when it has none): retrieval_any counts every item of a concept as right."""
+        return self._concepts[i]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from polyalign.eval.embed import inference, model_device
-from polyalign.eval.retrieval import topk_chunked
+from polyalign.eval.retrieval import rank_metrics, topk_chunked
 
 
 def first_hit(scores: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
@@ -56,10 +56,11 @@ def itm_rerank_ranks(model, image_tokens: torch.Tensor, text_tokens: torch.Tenso
 
 def itm_rerank_metrics(model, images: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, txt_to_img: torch.Tensor,
                        k: int = 16, ks=(1, 5, 10), batch_size: int = 128, chunk_size: int = 8192,
-                       add_itc: bool = False) -> dict[str, float]:
+                       add_itc: bool = False, n_resamples: int = 0) -> dict[str, float]:
     """Recall@k as fractions after ITM re-ranking of the ITC top-``k``: ``t2i_R@k``, ``i2t_R@k`` (images without a
-    caption left out), ``rsum`` — the names of ``retrieval_metrics``. ``images`` (N, 3, H, W) in [0, 1], captions
-    ``ids``/``mask`` (M, L), ``txt_to_img`` (M,). Runs in eval mode without gradients."""
+    caption left out), ``rsum`` — the names of ``retrieval_metrics``; with ``n_resamples`` > 0 each with its 95%
+    bootstrap interval over the queries (``…_ci_low``, ``…_ci_high``, see ``rank_metrics``). ``images`` (N, 3, H, W)
+    in [0, 1], captions ``ids``/``mask`` (M, L), ``txt_to_img`` (M,). Runs in eval mode without gradients."""
     if k < max(ks):
         raise ValueError(f"k={k} candidates cannot give R@{max(ks)}: use k >= {max(ks)}")
     device = model_device(model)
@@ -76,22 +77,18 @@ def itm_rerank_metrics(model, images: torch.Tensor, ids: torch.Tensor, mask: tor
                              for s in range(0, w.shape[0], batch_size)])
         t2i, i2t = itm_rerank_ranks(model, v, w, mask, img_emb, txt_emb, txt_to_img, k, batch_size, chunk_size, add_itc)
     captioned = torch.unique(txt_to_img)
-    out = {}
-    for name, rank in (("t2i", t2i), ("i2t", i2t[captioned])):
-        for kk in ks:
-            out[f"{name}_R@{kk}"] = (rank < kk).float().mean().item()
-    out["rsum"] = sum(out.values())
-    return out
+    return rank_metrics({"t2i": t2i, "i2t": i2t[captioned]}, ks, n_resamples=n_resamples, tag="retrieval_itm/")
 
 
 def evaluate_rerank(model, tokenizer, dataset, k: int = 16, max_captions: int = 5, batch_size: int = 128,
-                    add_itc: bool = False) -> dict[str, float]:
+                    add_itc: bool = False, bootstrap: int = 1000) -> dict[str, float]:
     """``retrieval_itm/*`` metrics of ``itm_rerank_metrics`` on a dataset's images and (up to ``max_captions``)
-    captions per item."""
+    captions per item, with ``bootstrap`` resamples for their intervals (0 = none)."""
     from polyalign.eval.run import caption_table
 
     images = torch.stack([dataset.image(i) for i in range(len(dataset))]).float() / 255  # (N, 3, H, W)
     texts, txt_to_img = caption_table(dataset, max_captions)
     ids, mask = tokenizer(texts)
-    metrics = itm_rerank_metrics(model, images, ids, mask, txt_to_img, k, batch_size=batch_size, add_itc=add_itc)
+    metrics = itm_rerank_metrics(model, images, ids, mask, txt_to_img, k, batch_size=batch_size, add_itc=add_itc,
+                                 n_resamples=bootstrap)
     return {f"retrieval_itm/{name}": value for name, value in metrics.items()}

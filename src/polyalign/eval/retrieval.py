@@ -1,7 +1,10 @@
 """Text↔image retrieval recall@k with several captions per image, computed in query chunks (never N×M at once)."""
 from __future__ import annotations
 
+import numpy as np
 import torch
+
+from polyalign.eval.bootstrap import median_resamples, percentile_interval, resample_histogram
 
 
 def topk_chunked(queries: torch.Tensor, keys: torch.Tensor, k: int, chunk_size: int = 8192):
@@ -23,13 +26,15 @@ def topk_chunked(queries: torch.Tensor, keys: torch.Tensor, k: int, chunk_size: 
 
 
 def positive_ranks(txt_emb: torch.Tensor, img_emb: torch.Tensor, txt_to_img: torch.Tensor, k: int | None = 10,
-                   chunk_size: int = 8192, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                   chunk_size: int = 8192, dtype: torch.dtype | None = None,
+                   observers=()) -> tuple[torch.Tensor, torch.Tensor]:
     """Ranks of the positives (0 = first), capped at ``k`` (``None``: exact), from one sweep of (chunk, N) blocks.
 
     ``t2i`` (M,): the position of each caption's image among all images (from the block's row-wise top-k; exact:
     how many images score strictly higher than it); ``i2t`` (N,): how many captions of *other* images score
     strictly higher than the image's best caption (a column-wise count, which is cheaper than a column-wise top-k).
     Recall@k' is ``rank < k'`` for k' <= k. ``dtype`` (e.g. bfloat16) casts the embeddings for the products.
+    Each of ``observers`` is shown every block as ``observer.update(start, sims)`` (other rankings of the same sweep).
     """
     txt, img = txt_emb.detach(), img_emb.detach()
     if dtype is not None:
@@ -52,6 +57,8 @@ def positive_ranks(txt_emb: torch.Tensor, img_emb: torch.Tensor, txt_to_img: tor
         above = sims > best[None, :]  # (c, N): caption beats the image's best caption
         i2t += above.view(torch.uint8).sum(dim=0, dtype=torch.int32)  # (uint8 sums are ~2x faster than bool)
         i2t.index_add_(0, owner[:, 0], -above.gather(1, owner)[:, 0].int())  # an image's own captions never count
+        for observer in observers:
+            observer.update(start, sims)
     return t2i, i2t.long() if exact else i2t.long().clamp_(max=k)
 
 
@@ -72,9 +79,41 @@ def retrieval_metrics(
         raise ValueError(f"txt_to_img must be non-empty with values in [0, {n_img})")
     t2i, i2t = positive_ranks(txt_emb, img_emb, txt_to_img, max(ks), chunk_size, dtype)  # (M,), (N,)
     captioned = torch.unique(txt_to_img)  # images with at least one caption
-    out = {}
-    for name, rank in (("t2i", t2i), ("i2t", i2t[captioned])):
+    return rank_metrics({"t2i": t2i, "i2t": i2t[captioned]}, ks)
+
+
+def rank_metrics(ranks: dict[str, torch.Tensor], ks=(1, 5, 10), median: bool = False, n_resamples: int = 0,
+                 seed: int = 0, tag: str = "") -> dict[str, float]:
+    """``<direction>_R@k`` (fraction of queries with ``rank < k``), ``rsum`` (their sum) and, if ``median``,
+    ``<direction>_MdR`` (median rank, 1 = first; the lower middle for an even count) of each direction's per-query
+    ranks (0 = first; ranks capped at k' are fine for k <= k' but not for the median).
+
+    ``n_resamples`` > 0 adds a 95% percentile bootstrap interval over the queries, ``<figure>_ci_low`` and
+    ``<figure>_ci_high``, for every figure; the directions are resampled independently (their queries differ), each
+    by a generator seeded from (``seed``, ``tag`` + direction), and ``rsum``'s interval sums the resampled figures.
+    """
+    out: dict[str, float] = {}
+    for name, rank in ranks.items():
         for k in ks:
             out[f"{name}_R@{k}"] = (rank < k).float().mean().item()
     out["rsum"] = sum(out.values())
-    return out
+    if median:
+        out |= {f"{name}_MdR": rank.float().median().item() + 1 for name, rank in ranks.items()}
+    if n_resamples <= 0:
+        return out
+    boot: dict[str, np.ndarray] = {"rsum": np.zeros(n_resamples)}
+    for name, rank in ranks.items():
+        rank = rank.cpu().numpy()
+        cuts = np.sort(np.asarray(ks))
+        bucket = np.searchsorted(cuts, rank, side="right")  # how many of the k are <= rank: one value per R@k bucket
+        values, counts = resample_histogram(bucket, n_resamples, seed, tag + name)  # (U,), (B, U)
+        for k in ks:  # rank < k exactly when bucket <= (k's place among the cuts)
+            boot[f"{name}_R@{k}"] = counts[:, values <= np.searchsorted(cuts, k)].sum(axis=1) / rank.size
+            boot["rsum"] = boot["rsum"] + boot[f"{name}_R@{k}"]
+        if median:
+            boot[f"{name}_MdR"] = median_resamples(rank, n_resamples, seed, f"{tag}{name}_MdR") + 1
+    with_ci: dict[str, float] = {}
+    for key, value in out.items():
+        with_ci[key] = value
+        with_ci[f"{key}_ci_low"], with_ci[f"{key}_ci_high"] = percentile_interval(boot[key])
+    return with_ci

@@ -13,11 +13,14 @@ from polyalign.errors import ConfigError
 from polyalign.eval.embed import embed_items, embed_texts
 from polyalign.eval.plots import plot_retrieval_examples
 from polyalign.eval.probe import ProbeDataError, linear_probe
-from polyalign.eval.retrieval import retrieval_metrics, topk_chunked
+from polyalign.eval.bootstrap import hit_interval
+from polyalign.eval.retrieval import rank_metrics, topk_chunked
+from polyalign.eval.retrieval_any import concept_ids, retrieval_ranks
 from polyalign.eval.tagging import TaggingDataError, head_scores, mean_average_precision, scored_tags, tagging_probe
-from polyalign.eval.zeroshot import zeroshot_accuracy, zeroshot_classifier
+from polyalign.eval.zeroshot import zeroshot_classifier, zeroshot_hits
 
 logger = logging.getLogger(__name__)
+RECALL_AT = (1, 5, 10)
 
 
 def caption_table(dataset, max_captions: int) -> tuple[list[str], torch.Tensor]:
@@ -143,9 +146,12 @@ def evaluate(
     tag_min_count: int = 5,
     max_tags: int = 1000,
     modalities: tuple[str, str] = ("image", "text"),
+    bootstrap: int = 1000,
 ) -> dict[str, float]:
-    """Flat metrics: ``retrieval/*`` on test_ds, ``zeroshot/<field>_acc``, ``probe/<field>_acc`` (trained on train_ds),
-    ``tagging/*`` when the datasets have tags (see ``_tagging``).
+    """Flat metrics: ``retrieval/*`` on test_ds, ``retrieval_any/*`` (every right answer counts, with median ranks
+    ``…_MdR``; see ``eval.retrieval_any``), ``zeroshot/<field>_acc``, ``probe/<field>_acc`` (trained on train_ds),
+    ``tagging/*`` when the datasets have tags (see ``_tagging``). Every retrieval and zero-shot figure gets a 95%
+    bootstrap interval over its queries (``<key>_ci_low``, ``<key>_ci_high``; ``bootstrap`` resamples, 0 = none).
 
     ``modalities`` are the model's towers (first, second). Retrieval is between the first tower's items and the
     second's: captions (up to ``max_captions`` per item) when it is text, else each item's own input of that modality
@@ -161,9 +167,14 @@ def evaluate(
         b_emb, b_to_a = embed_items(model, test_ds, second, batch_size), torch.arange(len(test_ds))  # (N, D), (N,)
     dtype = torch.bfloat16 if precision == "bf16" else None
     names = {"t2i": f"{second[0]}2{first[0]}", "i2t": f"{first[0]}2{second[0]}"}
-    for name, value in retrieval_metrics(a_emb, b_emb, b_to_a, chunk_size=chunk_size, dtype=dtype).items():
-        direction, _, k = name.partition("_")
-        results[f"retrieval/{names.get(direction, direction)}{'_' if k else ''}{k}"] = value
+    ranks = retrieval_ranks(a_emb, b_emb, b_to_a, max(RECALL_AT), chunk_size, dtype,
+                            texts if second == "text" else None, concept_ids(test_ds))
+    for prefix, per_direction in ranks.items():  # retrieval (strict), retrieval_any
+        figures = rank_metrics(per_direction, RECALL_AT, median=prefix == "retrieval_any", n_resamples=bootstrap,
+                               tag=prefix + "/")
+        for name, value in figures.items():
+            direction, _, rest = name.partition("_")
+            results[f"{prefix}/{names.get(direction, direction)}{'_' if rest else ''}{rest}"] = value
 
     fields = zeroshot_fields_of(test_ds, templates) if zeroshot_fields is None else list(zeroshot_fields)
     for field in fields if second == "text" else []:  # class prompts need the text tower
@@ -177,7 +188,9 @@ def evaluate(
         classifier = zeroshot_classifier(
             model, tokenizer, test_ds.label_names[field], _templates_for(test_ds, field, templates), batch_size
         )
-        results[f"zeroshot/{field}_acc"] = zeroshot_accuracy(a_emb[torch.tensor(idx, device=a_emb.device)], y, classifier)
+        hits = zeroshot_hits(a_emb[torch.tensor(idx, device=a_emb.device)], y, classifier)  # (n,) per image
+        results[f"zeroshot/{field}_acc"] = hits.float().mean().item()
+        results |= hit_interval(f"zeroshot/{field}_acc", hits.cpu().numpy(), bootstrap)
 
     features = _Features(model, batch_size, first)  # (n, W) pooled features, shared by the linear and tagging probes
     probe_field = probe_field or (fields[0] if fields else None)

@@ -22,9 +22,14 @@ def zeroshot_classifier(model, tokenizer, classnames: list[str], templates: list
     return F.normalize(F.normalize(emb, dim=-1).mean(dim=1), dim=-1)
 
 
-def zeroshot_accuracy(img_emb: torch.Tensor, labels: torch.Tensor, classifier: torch.Tensor) -> float:
-    """Fraction of images whose most similar class weight is their label."""
+def zeroshot_hits(img_emb: torch.Tensor, labels: torch.Tensor, classifier: torch.Tensor) -> torch.Tensor:
+    """(N,) bool: whether each image's most similar class weight is its label."""
     if img_emb.shape[0] == 0:
         raise ValueError("zeroshot_accuracy: no images")
     pred = (img_emb @ classifier.to(img_emb).T).argmax(dim=1)  # (N,)
-    return (pred == labels.to(pred.device)).float().mean().item()
+    return pred == labels.to(pred.device)
+
+
+def zeroshot_accuracy(img_emb: torch.Tensor, labels: torch.Tensor, classifier: torch.Tensor) -> float:
+    """Fraction of images whose most similar class weight is their label."""
+    return zeroshot_hits(img_emb, labels, classifier).float().mean().item()

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from polyalign.config.checks import resolve_hf_path
+from polyalign.errors import ConfigError
 from polyalign.models.encoders.transformer import Transformer
 
 
@@ -49,7 +50,7 @@ class HFTextEncoder(nn.Module):
     pool = "mean"
     WARM_BATCH = 256
 
-    def __init__(self, path: str, lock: bool = False, cache: bool = True):
+    def __init__(self, path: str, lock: bool = False, cache: bool = True, train_layers: int = -1):
         super().__init__()
         from transformers import AutoModel  # imported lazily: heavy, and only this encoder needs it
 
@@ -58,13 +59,20 @@ class HFTextEncoder(nn.Module):
         self.lock = lock
         self.cache_enabled = lock and cache
         self._cache: dict[tuple[int, ...], torch.Tensor] = {}  # token ids (unpadded) → (n, D) outputs
-        if lock:
-            self.model.requires_grad_(False)
+        self._frozen: list[nn.Module] = [self.model] if lock else []
+        if not lock and train_layers >= 0:  # fine-tune only the last K Transformer layers
+            layers = getattr(getattr(self.model, "encoder", None), "layer", None)
+            if layers is None:
+                raise ConfigError(f"model.text.train_layers: {path!r} has no encoder.layer list (a BERT-like model)")
+            self._frozen = [m for name, m in self.model.named_children() if name != "encoder"]
+            self._frozen += list(layers[: max(len(layers) - train_layers, 0)])
+        for module in self._frozen:
+            module.requires_grad_(False)
 
     def train(self, mode: bool = True):
         super().train(mode)
-        if self.lock:
-            self.model.eval()  # a locked tower keeps dropout off
+        for module in self._frozen:
+            module.eval()  # frozen parts (a locked tower, the layers below train_layers) keep dropout off
         return self
 
     def _run(self, ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

@@ -105,3 +105,13 @@ def test_config_accepts_the_tower_and_rejects_a_bad_train_blocks():
         load_config(None, ["model.image.kind=efficientnet_lite0", "model.image.train_blocks=-2"])
     with pytest.raises(ConfigError, match="efficientnet_lite0"):
         load_config(None, ["model.image.kind=efficientnet_b9"])
+
+
+def test_text_train_layers_fine_tunes_only_the_last_layers():
+    pytest.importorskip("transformers")
+    from polyalign.models.encoders.text import HFTextEncoder
+    enc = HFTextEncoder("minilm", train_layers=2).train()
+    trainable = {n.split(".")[2] for n, p in enc.model.named_parameters() if p.requires_grad}
+    assert trainable == {"4", "5"}  # encoder.layer.4 and .5 of MiniLM's 6
+    assert not enc.model.embeddings.training and not enc.model.encoder.layer[3].training
+    assert enc.model.encoder.layer[5].training
