@@ -113,17 +113,26 @@ def _tagging(model, train_ds, test_ds, features: _Features, max_train: int, batc
 
 
 def _retrieval_examples(path, test_ds, texts, txt_to_img, txt_emb, img_emb, n_examples, chunk_size) -> None:
-    """PNG of the top-5 images for the first caption of each of the first ``n_examples`` items."""
+    """PNG of the top-5 images for the first caption of ``n_examples`` items spread evenly over the test set; an
+    image is framed green when it is a right answer as ``retrieval_any`` counts them (the query's own image, an
+    image with the same caption text, or one of the same concept)."""
     firsts = torch.ones_like(txt_to_img, dtype=torch.bool)
     firsts[1:] = txt_to_img[1:] != txt_to_img[:-1]
-    queries = torch.nonzero(firsts).flatten()[:n_examples]
+    starts = torch.nonzero(firsts).flatten()
+    queries = starts[torch.linspace(0, len(starts) - 1, min(n_examples, len(starts))).round().long()]
     _, top = topk_chunked(txt_emb[queries.to(txt_emb.device)], img_emb, 5, chunk_size)  # (n, 5)
-    top = top.cpu()
+    top, concepts = top.cpu(), concept_ids(test_ds)
+
+    def right(q: int, i: int) -> bool:
+        own = int(txt_to_img[q])
+        same_concept = concepts is not None and concepts[i] is not None and concepts[i] == concepts[own]
+        return i == own or same_concept or " ".join(texts[q].split()) in {" ".join(c.split()) for c in test_ds.captions(i)}
+
     plot_retrieval_examples(
         path,
         [texts[int(q)] for q in queries],
         [[test_ds.image(int(i)) for i in row] for row in top],
-        [(row == txt_to_img[q]).tolist() for q, row in zip(queries, top)],
+        [[right(int(q), int(i)) for i in row] for q, row in zip(queries, top)],
     )
 
 
