@@ -217,3 +217,39 @@ def test_concept_ids_of_a_manifest_and_of_row_datasets(tmp_path):
 
     assert concept_ids(Rows()) == ["a", "7", None] and concept_ids(Accessor()) == [None, "c"]
     assert concept_ids(type("Plain", (), {"__len__": lambda self: 2})()) is None
+
+
+def test_the_examples_picture_frames_every_right_answer_green(monkeypatch, tmp_path):
+    import polyalign.eval.run as run
+
+    class Tiny:  # items 0 and 1: one concept in two styles; item 2 shares the caption "star" with item 0
+        caps = [["smile", "star"], ["smile"], ["star"], ["moon"]]
+        concepts = ["a", "a", None, "b"]
+
+        def __len__(self):
+            return 4
+
+        def captions(self, i):
+            return self.caps[i]
+
+        def concept_id(self, i):
+            return self.concepts[i]
+
+        def image(self, i):
+            return torch.zeros(3, 4, 4, dtype=torch.uint8)
+
+    texts, owner = ["smile", "star", "smile", "star", "moon"], torch.tensor([0, 0, 1, 2, 3])
+    img = torch.eye(4)
+    txt = torch.eye(4)[owner] + 0.01  # every caption scores its own item first
+    got = {}
+    monkeypatch.setattr(run, "plot_retrieval_examples", lambda path, q, ims, ok: got.update(q=q, ok=ok))
+    run._retrieval_examples(tmp_path / "x.png", Tiny(), texts, owner, txt, img, 4, 8192)
+    ds = Tiny()
+    firsts = [0, 2, 3, 4]  # the first caption of each item: the picture's queries
+    assert got["q"] == [texts[j] for j in firsts]
+    for j, row, flags in zip(firsts, torch.topk(txt @ img.T, 4, dim=1).indices[firsts], got["ok"]):
+        query, own = texts[j], int(owner[j])
+        expect = [i == own or query in ds.caps[i] or (ds.concepts[i] is not None and ds.concepts[i] == ds.concepts[own])
+                  for i in row.tolist()]
+        assert flags == expect
+    assert sum(map(sum, got["ok"])) == 7  # 2 + 2 + 2 + 1 right answers in the top 4, not only the 4 own images

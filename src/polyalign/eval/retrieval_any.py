@@ -16,12 +16,10 @@ pairs are listed once (their count is what the duplicates make it, at least M).
 """
 from __future__ import annotations
 
-
 import numpy as np
 import torch
 
 from polyalign.eval.retrieval import positive_ranks
-
 
 
 def normalise_caption(text: str) -> str:

@@ -15,7 +15,7 @@ from polyalign.eval.plots import plot_retrieval_examples
 from polyalign.eval.probe import ProbeDataError, linear_probe
 from polyalign.eval.bootstrap import hit_interval
 from polyalign.eval.retrieval import rank_metrics, topk_chunked
-from polyalign.eval.retrieval_any import concept_ids, retrieval_ranks
+from polyalign.eval.retrieval_any import concept_ids, relevance_pairs, retrieval_ranks
 from polyalign.eval.tagging import TaggingDataError, head_scores, mean_average_precision, scored_tags, tagging_probe
 from polyalign.eval.zeroshot import zeroshot_classifier, zeroshot_hits
 
@@ -121,18 +121,13 @@ def _retrieval_examples(path, test_ds, texts, txt_to_img, txt_emb, img_emb, n_ex
     starts = torch.nonzero(firsts).flatten()
     queries = starts[torch.linspace(0, len(starts) - 1, min(n_examples, len(starts))).round().long()]
     _, top = topk_chunked(txt_emb[queries.to(txt_emb.device)], img_emb, 5, chunk_size)  # (n, 5)
-    top, concepts = top.cpu(), concept_ids(test_ds)
-
-    def right(q: int, i: int) -> bool:
-        own = int(txt_to_img[q])
-        same_concept = concepts is not None and concepts[i] is not None and concepts[i] == concepts[own]
-        return i == own or same_concept or " ".join(texts[q].split()) in {" ".join(c.split()) for c in test_ds.captions(i)}
-
+    pj, pi = relevance_pairs(txt_to_img, len(test_ds), texts, concept_ids(test_ds))  # as retrieval_any counts
+    right = set(zip(pj.tolist(), pi.tolist()))
     plot_retrieval_examples(
         path,
         [texts[int(q)] for q in queries],
-        [[test_ds.image(int(i)) for i in row] for row in top],
-        [[right(int(q), int(i)) for i in row] for q, row in zip(queries, top)],
+        [[test_ds.image(int(i)) for i in row] for row in top.cpu()],
+        [[(int(q), int(i)) in right for i in row] for q, row in zip(queries, top.cpu())],
     )
 
 

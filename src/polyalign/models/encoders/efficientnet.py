@@ -143,10 +143,6 @@ class EfficientNetLite(nn.Module):
         mods = [self._conv_stem, self._bn0, *self._blocks[: min(self.n_frozen, len(self._blocks))]]
         return mods + ([self._conv_head, self._bn1] if self.lock else [])
 
-    @property
-    def trains_anything(self) -> bool:
-        return not self.lock
-
     def train(self, mode: bool = True):
         super().train(mode)
         for module in self._frozen_modules():
