@@ -18,6 +18,7 @@ LAYERS = [  # bottom → top; a module may import its own layer or any layer bel
     ("polyalign.eval",),
     ("polyalign.connect",),
     ("polyalign.app",),
+    ("polyalign.serve",),
     ("polyalign.cli", "polyalign.__main__", "polyalign"),
 ]
 

@@ -150,15 +150,21 @@ def load_image(path: Path, image_size: int) -> np.ndarray:
         with Image.open(path) as im:
             im.draft("RGB", (image_size, image_size))  # JPEG: decode at a reduced scale, still >= image_size
             im.load()
-            im = to_8_bit(ImageOps.exif_transpose(im))
-            if im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info:
-                im = Image.alpha_composite(Image.new("RGBA", im.size, "white"), im.convert("RGBA"))
-            im = ImageOps.fit(im.convert("RGB"), (image_size, image_size), Image.Resampling.BICUBIC)
-            return np.asarray(im, dtype=np.uint8)
+            return fit_image(im, image_size)
     except Image.DecompressionBombError as e:
         raise BadRow("image too large", too_large(e)) from e
     except (OSError, ValueError) as e:  # UnidentifiedImageError is an OSError
         raise BadRow("corrupt image") from e
+
+
+def fit_image(im: Image.Image, image_size: int) -> np.ndarray:
+    """A decoded image as training sees it: EXIF-rotated, 8-bit, transparency on white, shorter side resized and
+    centre-cropped to (S, S, 3) uint8."""
+    im = to_8_bit(ImageOps.exif_transpose(im))
+    if im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info:
+        im = Image.alpha_composite(Image.new("RGBA", im.size, "white"), im.convert("RGBA"))
+    im = ImageOps.fit(im.convert("RGB"), (image_size, image_size), Image.Resampling.BICUBIC)
+    return np.asarray(im, dtype=np.uint8)
 
 
 def to_8_bit(im: Image.Image) -> Image.Image:
