@@ -272,3 +272,49 @@ def test_concurrent_queries_get_their_own_answers(client):
     for q in queries:
         assert [x["id"] for x in answers[q]] == [x["id"] for x in serial[q]]
         assert np.allclose([x["score"] for x in answers[q]], [x["score"] for x in serial[q]], atol=1e-5)
+
+
+def test_the_readmes_python_example_runs(run, tmp_path, monkeypatch):
+    """The README's ``polyalign.load`` block, run as printed on a stand-in for ``runs/clip``; each line's comment
+    that shows a value or shape is checked."""
+    import re
+    import shutil
+
+    block = re.search(r"```python\n(import polyalign\n.*?)```", (Path(__file__).parents[1] / "README.md").read_text(),
+                      re.S)[1]
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(run, "runs/clip")
+    Image.new("RGB", (64, 48), "orange").save("cat.png")
+    Image.new("RGB", (30, 60), "grey").save("dog.jpg")
+    scope: dict = {}
+    exec(compile(block, "README.md", "exec"), scope)
+    assert scope["m"].modalities == ("image", "text")
+    assert scope["img"].shape == (2, 16) and scope["txt"].shape == (2, 16) and scope["scores"].shape == (2, 2)
+    assert scope["x"].shape == (3, 32, 32) and 0 <= float(scope["x"].min()) and float(scope["x"].max()) <= 1
+    assert "# ('image', 'text')" in block
+
+
+def test_a_connected_run_loads_and_encodes_into_the_common_space(run, tmp_path, monkeypatch):
+    from polyalign.connect.model import ConnectedSpaces
+    from polyalign.serve.connected import ConnectedEncoder
+
+    monkeypatch.chdir(tmp_path)
+    Path("texts.txt").write_text("a red circle\na blue square\na green star\na yellow heart\n")
+    for name in ("b_x", "b_y"):
+        assert main(["embed", str(run), "--modality", "text", "--texts", "texts.txt", "--out", f"emb/{name}"]) == 0
+    assert main(["embed", str(run), "--modality", "image", "--split", "test", "--out", "emb/images"]) == 0
+    Path("connect.yaml").write_text("inputs: {b_x: emb/b_x.npy, b_y: emb/b_y.npy, memory_a: emb/images.npy, "
+                                    "memory_c: emb/images.npy}\ntrain: {batch_size: 2, epochs: 2}\n")
+    assert main(["connect", "connect.yaml", "--out", "connected"]) == 0
+    m = polyalign.load("connected")
+    assert isinstance(m, ConnectedEncoder) and m.modalities == ("image", "text") and m.embed_dim == 16
+    native = polyalign.load(run)
+    connector = ConnectedSpaces.load("connected")
+    texts = ["a red circle", "two stars"]
+    assert torch.allclose(m.encode_text(texts), connector.embed(native.encode_text(texts), "x"), atol=1e-6)
+    assert torch.allclose(m.encode_text(texts, space="y"), connector.embed(native.encode_text(texts), "y"), atol=1e-6)
+    pixels = torch.rand(2, 3, 32, 32)
+    assert torch.allclose(m.encode_image(pixels), connector.embed(native.encode_image(pixels), "x"), atol=1e-6)
+    Path("emb/b_y.meta.json").unlink()  # a file from elsewhere: the run of space Y is unknown
+    with pytest.raises(PolyalignError, match="not written by `polyalign embed`"):
+        polyalign.load("connected")

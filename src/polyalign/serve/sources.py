@@ -55,8 +55,11 @@ def manifest_source(path: str | Path, image_size: int, id_field: str = "") -> So
             continue
         position = len(rows) + sum(skipped.values())  # the row's number among the non-blank rows, from 0
         rid = str(row.get(id_field, "")).strip() if id_field else str(position)
-        if not rid or rid in seen:
-            raise DataError(f"{path}:{number}: {'no' if not rid else 'a repeated'} id {rid!r} in field {id_field!r}")
+        if not rid:
+            raise DataError(f"{path}:{number}: the row has no {id_field!r} field (or it is empty): every row needs "
+                            f"an id there, or leave out --id-field to number the rows")
+        if rid in seen:
+            raise DataError(f"{path}:{number}: the id {rid!r} (field {id_field!r}) repeats an earlier row's")
         seen.add(rid)
         try:
             image = str(image_path(path.parent, row["image"].strip(), []).absolute())
