@@ -36,7 +36,8 @@ def readme_commands() -> list[list[str]]:
             if words:
                 assert words[0] in ("polyalign", "make"), f"README command not understood: {line}"
                 commands.append(words)
-    names = {"train", "eval", "demo", "sweep", "table", "connect", "embed", "inspect", "fdt", "gradcam", "data"}
+    names = {"train", "eval", "demo", "sweep", "table", "connect", "embed", "inspect", "fdt", "gradcam", "data", "index",
+             "search", "serve", "export"}
     for span in re.findall(r"`((?:polyalign|make|python) [^`]*)`(?!\s*→)", README):  # `cmd` → `its error`: below
         words = shlex.split(span)
         if words[0] != "polyalign" or not (set(words[1:]) <= names or "|" in span or words[1].endswith(":")):

@@ -11,7 +11,7 @@ __all__ = ["__version__", "load"]
 
 def load(run, which: str = "auto", device="cpu"):
     """A trained run (``polyalign train``) or a connected one (``polyalign connect``), ready to encode: see
-    :func:`polyalign.serve.api.load`."""
-    from polyalign.serve.api import load as _load
+    :func:`polyalign.serve.loader.load`."""
+    from polyalign.serve.loader import load as _load
 
     return _load(run, which, device)

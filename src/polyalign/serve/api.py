@@ -172,23 +172,6 @@ def _as_list(items, what: str, item_ndim: int = 0) -> list:
     return [items]
 
 
-def load(run: str | Path, which: str = "auto", device: str | torch.device = "cpu"):
-    """A trained run (``polyalign train``) or a connected run (``polyalign connect``), ready to encode.
-
-    ``which``: ``auto`` (the best checkpoint when the run kept one, else the latest), ``best`` or ``latest``.
-    ``device``: ``cpu``, ``cuda``, ``cuda:1`` or ``auto``."""
-    from polyalign.connect import is_connect_run
-
-    run = Path(run)
-    device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                          "cpu" if device == "auto" else device)
-    if is_connect_run(run):
-        from polyalign.serve.connected import load_connected
-
-        return load_connected(run, which, device)
-    return load_trained(run, which, device)
-
-
 def load_trained(run: Path, which: str = "auto", device: torch.device = torch.device("cpu")) -> Encoder:
     """The :class:`Encoder` of a ``polyalign train`` run."""
     from polyalign.app.runs import load_run

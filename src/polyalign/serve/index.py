@@ -103,7 +103,7 @@ def build_index(run_dir, out_dir, *, manifest: str = "", folder: str = "", split
     """Embed the source (one of ``manifest``, ``folder``, ``split``) with the run's towers into ``out_dir``; returns
     the index's info (also ``IDX/info.json``)."""
     from polyalign import distributed as dist
-    from polyalign.serve.api import load
+    from polyalign.serve.loader import load
     from polyalign.serve.sources import folder_source, manifest_source, split_source
 
     if sum(bool(x) for x in (manifest, folder, split)) != 1:

@@ -81,7 +81,7 @@ class Searcher:
     def encoder(self):
         """The run's encoder, loaded on first use."""
         if self._encoder is None:
-            from polyalign.serve.api import load
+            from polyalign.serve.loader import load
 
             self._encoder = load(self._run, "auto", self._device)
         return self._encoder

@@ -53,6 +53,9 @@ class HFTextEncoder(nn.Module):
     def __init__(self, path: str, lock: bool = False, cache: bool = True, train_layers: int = -1):
         super().__init__()
         from transformers import AutoModel  # imported lazily: heavy, and only this encoder needs it
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # a local load of 103 tensors takes no time: no bar on every command
 
         self.model = AutoModel.from_pretrained(str(resolve_hf_path(path)), local_files_only=True)
         self.width = self.model.config.hidden_size
