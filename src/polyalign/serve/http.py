@@ -104,7 +104,7 @@ def create_app(index_dir, run_dir=None, device: str = "cpu", backend: str = "fai
         parts = searcher.info["parts"]
         return {"status": "ok", "items": parts[searcher.item_part]["items"],
                 "texts": parts.get("text", {}).get("items", 0), "dim": parts[searcher.item_part]["dim"],
-                "run": searcher.info["run"], "kind": searcher.info["kind"], "parts": list(parts)}
+                "run": _display_path(searcher.info["run"]), "kind": searcher.info["kind"], "parts": list(parts)}
 
     @app.get("/search")
     def search_get(text: str | None = None, like: str | None = None, k: str = "10", target: str = ""):
@@ -151,6 +151,16 @@ def create_app(index_dir, run_dir=None, device: str = "cpu", backend: str = "fai
 
     app.state.searcher = searcher
     return app
+
+
+def _display_path(path: str) -> str:
+    """A run's path as the page shows it: relative to the working directory when inside it, else its last three
+    parts (the machine's folders are not the user's business)."""
+    p = Path(path)
+    try:
+        return str(p.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(Path(*p.parts[-3:])) if len(p.parts) > 3 else str(p)
 
 
 def _open_image(data: bytes, name: str | None):
