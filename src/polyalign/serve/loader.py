@@ -14,11 +14,9 @@ def load(run: str | Path, which: str = "auto", device: str | torch.device = "cpu
 
     ``which``: ``auto`` (the best checkpoint when the run kept one, else the latest), ``best`` or ``latest``.
     ``device``: ``cpu``, ``cuda``, ``cuda:1`` or ``auto``."""
-    from polyalign.connect import is_connect_run
-
     run = Path(run)
     device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                           "cpu" if device == "auto" else device)
-    if is_connect_run(run):
+    if (run / "connector.json").is_file():  # polyalign.connect.is_connect_run, without importing all of connect/
         return load_connected(run, which, device)
     return load_trained(run, which, device)
