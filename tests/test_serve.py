@@ -318,3 +318,19 @@ def test_a_connected_run_loads_and_encodes_into_the_common_space(run, tmp_path, 
     Path("emb/b_y.meta.json").unlink()  # a file from elsewhere: the run of space Y is unknown
     with pytest.raises(PolyalignError, match="not written by `polyalign embed`"):
         polyalign.load("connected")
+
+
+def test_a_fusion_run_loads_and_indexes(tmp_path):
+    """ALBEF-style runs declare their towers too (the Model protocol): load, encode, index, search."""
+    albef = ["loss.weights.clip=0", "loss.weights.itc=1", "loss.weights.itm=1", "model.image.kind=vit",
+             "model.fusion.queue_size=64", "model.fusion.embed_dim=16", "model.fusion.fusion_layers=1",
+             "train.max_steps=4", "eval.rerank_k=0"]
+    train(load_config(None, TINY + albef + ["train.threads=1"]), tmp_path / "albef", show_progress=False)
+    m = polyalign.load(tmp_path / "albef")
+    assert m.modalities == ("image", "text") and m.encode_text(["a red circle"]).shape == (1, 16)
+    info = _index(tmp_path / "albef", tmp_path / "idx", split="test")
+    from polyalign.serve.search import Searcher
+
+    pixels = m.preprocess(Image.open(tmp_path / "idx" / "thumbs" / "7.png"))
+    hits = Searcher(tmp_path / "idx", encoder=m).search(image=pixels, k=1)
+    assert info["parts"]["image"]["items"] == 96 and hits[0].id == "7" and hits[0].score == pytest.approx(1, abs=1e-4)

@@ -96,6 +96,7 @@ class FusionModel(nn.Module):
 
     # --- what the model declares (polyalign.models.interface.Model) ---
     has_tag_head, has_fdt = False, False
+    modalities = ("image", "text")  # the Model protocol: an image tower and a text tower
 
     @property
     def has_itm(self) -> bool:

@@ -56,7 +56,10 @@ def cmd_serve(args) -> int:
 def cmd_export(args) -> int:
     from polyalign.serve.onnx_export import export_onnx
 
-    info = export_onnx(args.run_dir, args.onnx, which=args.which)
+    which = args.which
+    if which == "auto":  # as polyalign.load: the best checkpoint when the run kept one
+        which = "best" if (Path(args.run_dir) / "checkpoints" / "best.json").is_file() else "latest"
+    info = export_onnx(args.run_dir, args.onnx, which=which)
     for name, tower in info["towers"].items():
         print(f"{name}: {tower['file']} (onnxruntime vs PyTorch max |diff| {tower['max_abs_diff']:.2e})")
     print(f"wrote {Path(args.onnx) / 'onnx.json'}")
