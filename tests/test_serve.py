@@ -334,3 +334,19 @@ def test_a_fusion_run_loads_and_indexes(tmp_path):
     pixels = m.preprocess(Image.open(tmp_path / "idx" / "thumbs" / "7.png"))
     hits = Searcher(tmp_path / "idx", encoder=m).search(image=pixels, k=1)
     assert info["parts"]["image"]["items"] == 96 and hits[0].id == "7" and hits[0].score == pytest.approx(1, abs=1e-4)
+
+
+def test_index_of_an_image_folder_from_the_cli(run, tmp_path, capsys):
+    (tmp_path / "pics" / "sub").mkdir(parents=True)
+    Image.new("RGB", (40, 30), "red").save(tmp_path / "pics" / "red_square.png")
+    Image.new("RGB", (20, 50), "blue").save(tmp_path / "pics" / "sub" / "blue-thing.jpg")
+    (tmp_path / "pics" / "notes.txt").write_text("not an image")
+    assert main(["index", str(run), "--folder", str(tmp_path / "pics"), "--out", str(tmp_path / "idx")]) == 0
+    assert "image: 2 items" in capsys.readouterr().out
+    assert main(["search", str(tmp_path / "idx"), "--image", str(tmp_path / "pics" / "sub" / "blue-thing.jpg"),
+                 "-k", "2", "--json"]) == 0
+    hits = json.loads(capsys.readouterr().out)
+    assert [h["id"] for h in hits][0] == "sub/blue-thing.jpg" and {h["caption"] for h in hits} == {"red square",
+                                                                                                   "blue thing"}
+    assert main(["index", str(run), "--folder", str(tmp_path / "nowhere"), "--out", str(tmp_path / "i2")]) != 0
+    assert "image folder not found" in capsys.readouterr().err and not (tmp_path / "i2").exists()
