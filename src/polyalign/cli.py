@@ -206,6 +206,8 @@ def _serve_parsers(sub) -> None:
     sv.add_argument("--run", default="", help="the run whose towers encode queries (default: the index's)")
     sv.add_argument("--device", default="cpu", help="cpu | cuda | auto")
     sv.add_argument("--backend", choices=("faiss", "torch"), default="faiss")
+    sv.add_argument("--threads", type=int, default=0, help="torch and FAISS threads (0: their defaults); 1 can be "
+                    "faster for single queries on a busy machine (benchmarks/results/search.md)")
     sv.set_defaults(func=cmd_serve)
     ex = sub.add_parser("export", help="export a run's towers (ONNX), each checked with onnxruntime against PyTorch")
     ex.add_argument("run_dir")

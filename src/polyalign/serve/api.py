@@ -151,10 +151,10 @@ class Encoder:
                              self.model.encode_points, numpy)
 
     def _batched(self, items: list, batch_size: int, prepare, encode, numpy: bool):
-        from polyalign.eval.embed import inference
-
+        if self.model.training:  # the model is in eval mode from load; walking every module costs 10% of a query
+            self.model.eval()
         out = []
-        with inference(self.model):
+        with torch.no_grad():
             for start in range(0, len(items), batch_size):
                 inputs = prepare(items[start : start + batch_size])
                 out.append(encode(*(x.to(self.device) for x in inputs)).float().cpu())

@@ -21,6 +21,9 @@ def cmd_index(args) -> int:
             recall = f", recall@10 {part['recall@10']:.3f} vs exact ({part.get('ef_search') or part.get('nprobe')})" \
                 if "recall@10" in part else ""
             print(f"{name}: {part['items']} items × {part['dim']} in {part['shards']} shards, {part['kind']}{recall}")
+            if part.get("recall@10", 1) < part.get("target_recall", 0):
+                print(f"warning: {name}'s recall@10 {part['recall@10']:.3f} is below {part['target_recall']} even at "
+                      f"the largest search setting: use --kind flat, or a denser graph")
         if info["skipped"]:
             print(f"skipped: {', '.join(f'{why}: {n}' for why, n in info['skipped'].items())}")
         print(f"wrote {Path(args.out) / 'info.json'} in {info['elapsed_s']:.1f} s; search it: "
@@ -49,7 +52,7 @@ def cmd_search(args) -> int:
 def cmd_serve(args) -> int:
     from polyalign.serve.http import serve
 
-    serve(args.index, args.host, args.port, args.run or None, args.device, args.backend)
+    serve(args.index, args.host, args.port, args.run or None, args.device, args.backend, args.threads)
     return 0
 
 

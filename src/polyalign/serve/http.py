@@ -202,9 +202,16 @@ def _thumbnail(root: str, thumb: str | None, path: str | None) -> bytes | None:
 
 
 def serve(index_dir, host: str = "127.0.0.1", port: int = 8000, run_dir=None, device: str = "cpu",
-          backend: str = "faiss") -> None:
-    """Run the service until interrupted."""
+          backend: str = "faiss", threads: int = 0) -> None:
+    """Run the service until interrupted (``threads`` > 0: torch's and FAISS's thread counts)."""
     import uvicorn
+
+    if threads > 0:
+        import faiss
+        import torch
+
+        torch.set_num_threads(threads)
+        faiss.omp_set_num_threads(threads)
 
     app = create_app(index_dir, run_dir, device, backend)
     s = app.state.searcher
