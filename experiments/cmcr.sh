@@ -3,8 +3,12 @@
 #   polyalign data emoji --out data/emoji --styles google,twitter      # once (the emoji part needs it)
 #   bash experiments/cmcr.sh [emoji|emoji-shared|emoji-style|shapes|3d]  # default: emoji, shapes, 3d
 # Each part trains its two contrastive spaces (one seed), exports their embeddings with `polyalign embed`,
-# and runs `polyalign connect` for the full method, the ablations, Ex-MCR and the paired upper bound, each with
-# seeds 0,1,2 (train.seed of the projectors). No (A, C) pair is used by any row except "paired".
+# and runs `polyalign connect` for the full method, the ablations and baselines ($ROWS), the anchor_x mode and the
+# paired upper bound, each with seeds 0,1,2 (train.seed of the projectors). No (A, C) pair is used by any row except
+# "paired". Rows: full; nearest_pairs (no semantic consistency: each pseudo pair is the nearest memory row);
+# random_pairs (the harmful ablation: a random memory row); no_noise; noise_dim (σ² · 512 / d per space); no_intra;
+# no_memories (B pairs only, the native InfoNCE); anchor_x (X fixed, Y mapped into X; inspired by Ex-MCR, not its
+# released recipe). The pivot and soft pivot baselines are in every run's metrics.json.
 # Wall times go to $OUT/wall_times.tsv; tables: python experiments/cmcr_table.py $OUT/<part>/connect retrieval
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,6 +16,7 @@ PA=${POLYALIGN:-polyalign}
 PY=${PYTHON:-python}
 OUT=${OUT:-runs/cmcr}
 SEEDS=${SEEDS:-"0 1 2"}
+ROWS=${ROWS:-"full nearest_pairs random_pairs no_noise noise_dim no_intra no_memories anchor_x"}
 mkdir -p "$OUT"
 
 timed() {  # timed NAME CMD...: run, append "NAME<TAB>seconds" to the wall-time log
@@ -37,13 +42,17 @@ connect_rows() {  # connect_rows PART_DIR CONFIG [overrides shared by every row]
   local dir=$1 cfg=$2
   shift 2
   for seed in $SEEDS; do
-    for row in full no_consistency no_noise no_intra exmcr; do
+    for row in $ROWS; do
       case $row in
         full) extra=() ;;
-        no_consistency) extra=(method.semantic_consistency=false) ;;
+        nearest_pairs) extra=(method.pseudo_pairs=nearest) ;;
+        random_pairs) extra=(method.pseudo_pairs=random) ;;
         no_noise) extra=(method.noise_var=0) ;;
+        noise_dim) extra=(method.noise_scale=dim) ;;
         no_intra) extra=(method.intra_weight=0) ;;
-        exmcr) extra=(method.mode=exmcr) ;;
+        no_memories) extra=(method.memories=false) ;;
+        anchor_x) extra=(method.mode=anchor_x) ;;
+        *) echo "unknown row $row (see ROWS at the top)" >&2; exit 2 ;;
       esac
       connect_once "$dir/connect/$row/seed-$seed" "$cfg" "$@" "${extra[@]}" train.seed="$seed"
     done

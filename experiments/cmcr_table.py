@@ -3,17 +3,23 @@
     python experiments/cmcr_table.py ROOT retrieval   # audio → image (C → A) R@1/5/10 and median rank, plus A → C
     python experiments/cmcr_table.py ROOT classify    # zero-shot classification accuracy
 
-Rows: chance and pivot (read from the full runs: they do not depend on the projectors), then every row directory.
+Rows: chance, pivot and soft pivot (read from the full runs: they do not depend on the projectors), then every row
+directory. Directories of runs made before the renames (no_consistency = random pseudo pairs, exmcr = anchor_x) are
+labelled as such.
 """
 import json
 import statistics
 import sys
 from pathlib import Path
 
-ORDER = ["full", "no_consistency", "no_noise", "no_intra", "exmcr", "paired"]
-NAMES = {"full": "C-MCR (full)", "no_consistency": "− semantic consistency (random memory pseudo pairs)",
-         "no_noise": "− noise (σ² = 0)", "no_intra": "− intra alignment (λ = 0)", "exmcr": "Ex-MCR mode (X fixed)",
-         "paired": "paired upper bound (real pairs)"}
+ORDER = ["full", "nearest_pairs", "random_pairs", "no_noise", "noise_dim", "no_intra", "no_memories", "anchor_x",
+         "paired"]
+NAMES = {"full": "C-MCR (full)", "nearest_pairs": "− semantic consistency (nearest memory row as pseudo pair)",
+         "random_pairs": "random memory pseudo pairs (harmful ablation)", "no_noise": "− noise (σ² = 0)",
+         "noise_dim": "noise σ² · 512 / d per space", "no_intra": "− intra alignment (λ = 0)",
+         "no_memories": "− memories (B pairs only, native InfoNCE)",
+         "anchor_x": "anchor_x (X fixed, Y mapped into X; Ex-MCR-inspired)", "paired": "paired upper bound (real pairs)",
+         "no_consistency": "random memory pseudo pairs (old run dir)", "exmcr": "anchor_x (old run dir, was exmcr)"}
 METRICS = {"retrieval": ["c2a_R@1", "c2a_R@5", "c2a_R@10", "c2a_MdR", "a2c_R@1", "a2c_R@5", "a2c_R@10", "a2c_MdR"],
            "classify": ["classify_acc"]}
 
@@ -40,7 +46,8 @@ def main(root: Path, kind: str) -> None:
     print("| row | seeds | " + " | ".join(keys) + " | train s |")
     print("|---|---|" + "---|" * len(keys) + "---|")
     full = runs.get("full") or []
-    for prefix, name in (("chance", "chance"), ("pivot", "pivot (nearest shared item)")):
+    soft = f"soft pivot (τ {full[0].get('soft_pivot/tau')}, {full[0].get('soft_pivot/tau_from')})" if full else ""
+    for prefix, name in (("chance", "chance"), ("pivot", "pivot (nearest shared item)"), ("soft_pivot", soft)):
         if full and any(f"{prefix}/{k}" in full[0] for k in keys):
             print(f"| {name} | {len(full)} | " + " | ".join(cell(full, f"{prefix}/{k}") for k in keys) + " | – |")
     for r in rows:

@@ -68,9 +68,9 @@ def trained(problem):
     """One short C-MCR run per ablation on the synthetic problem: (model, logged rows, metrics)."""
     data, test = problem
     runs = {}
-    for name, overrides in {"cmcr": (), "no_consistency": ("method.semantic_consistency=false",),
+    for name, overrides in {"cmcr": (), "random_pairs": ("method.pseudo_pairs=random",),
                             "no_noise": ("method.noise_var=0",), "no_intra": ("method.intra_weight=0",),
-                            "exmcr": ("method.mode=exmcr",)}.items():
+                            "anchor_x": ("method.mode=anchor_x",)}.items():
         model, rows = train_connection(data, small_cfg("train.log_every=7", *overrides), QUIET)
         runs[name] = (model, rows, evaluate(model, (data.b_x, data.b_y), test))
     return runs
@@ -151,13 +151,13 @@ def test_batchnorm_runs_in_eval_mode_at_inference(kind, tmp_path):
     assert not again.training and torch.allclose(again.embed(items, "x"), model.embed(items, "x"), atol=1e-6)
 
 
-def test_exmcr_keeps_x_fixed_and_starts_from_identity():
-    model = ConnectedSpaces(16, 16, mode="exmcr")
+def test_anchor_x_keeps_x_fixed_and_starts_from_identity():
+    model = ConnectedSpaces(16, 16, mode="anchor_x")
     x = unit(6, 16)
     assert list(model.proj_x.parameters()) == []
     assert torch.allclose(model.embed(x, "x"), x) and torch.allclose(model.embed(x, "y"), x, atol=1e-6)
     with pytest.raises(ConfigError, match="method.dim"):
-        ConnectedSpaces(16, 16, dim=8, mode="exmcr")
+        ConnectedSpaces(16, 16, dim=8, mode="anchor_x")
     with pytest.raises(ConfigError, match="set method.dim"):
         ConnectedSpaces(16, 24)
 
@@ -180,9 +180,9 @@ def test_training_is_deterministic_given_a_seed(problem):
 
 def test_ablation_switches_change_behaviour(problem, trained):
     data, _ = problem
-    full, no_sc = trained["cmcr"], trained["no_consistency"]
-    # without semantic consistency the pseudo pairs are plain memory rows, and A↔C retrieval collapses
-    off = small_cfg("method.semantic_consistency=false").method
+    full, no_sc = trained["cmcr"], trained["random_pairs"]
+    # with random pseudo pairs (the ablation) they are plain memory rows, and A↔C retrieval collapses
+    off = small_cfg("method.pseudo_pairs=random").method
     a_rand, _ = pseudo_pairs(data, off, torch.Generator().manual_seed(0))
     assert (a_rand @ data.memory_a.T).amax(dim=1).min() > 1 - 1e-5  # every row is a memory row
     a_soft, _ = pseudo_pairs(data, small_cfg().method, torch.Generator().manual_seed(0))
@@ -195,8 +195,8 @@ def test_ablation_switches_change_behaviour(problem, trained):
         assert row["loss"] == pytest.approx(row["native_loss"] + row["pseudo_loss"])
     for row in full[1]:
         assert row["loss"] == pytest.approx(row["native_loss"] + row["pseudo_loss"] + 0.1 * row["intra_loss"])
-    # exmcr: X stays the base space, Y is mapped into it, and A↔C still connects
-    ex_model, _, ex = trained["exmcr"]
+    # anchor_x: X stays the base space, Y is mapped into it, and A↔C still connects
+    ex_model, _, ex = trained["anchor_x"]
     assert torch.allclose(ex_model.embed(data.b_x[:5], "x"), data.b_x[:5], atol=1e-6)
     assert ex["connected/a2c_R@1"] > 0.2
 
@@ -289,7 +289,7 @@ def test_read_embeddings_checks_and_normalises(tmp_path, capsys):
 def test_config_keys_are_checked_and_do_not_collide_with_the_training_config():
     with pytest.raises(ConfigError, match="did you mean method.noise_var"):
         load_connect_config(None, ["method.noise_vra=0"])
-    with pytest.raises(ConfigError, match="method.mode.*cmcr, exmcr"):
+    with pytest.raises(ConfigError, match="method.mode.*cmcr, anchor_x"):
         load_connect_config(None, ["method.mode=clip"])
     with pytest.raises(ConfigError, match="eval.c_test"):
         load_connect_config(None, ["eval.a_test=a.npy"])

@@ -128,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     tb.set_defaults(func=cmd_table)
     c = sub.add_parser("connect", help="connect two embedding spaces that share a modality (C-MCR) from embedding files")
     c.add_argument("config", help="YAML naming the embedding files and hyperparameters (keys: see polyalign.connect)")
-    c.add_argument("overrides", nargs="*", default=[], help="dotted overrides, e.g. train.epochs=10 method.mode=exmcr")
+    c.add_argument("overrides", nargs="*", default=[], help="dotted overrides, e.g. train.epochs=10 method.mode=anchor_x")
     c.add_argument("--out", help="output directory (default runs/<config name>)")
     c.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint")
     c.set_defaults(func=cmd_connect)

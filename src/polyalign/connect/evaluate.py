@@ -1,5 +1,11 @@
-"""Evaluation of connected spaces (C-MCR): A↔C retrieval and cross-space classification, with the pivot baseline
-(through the nearest shared-modality item) and chance, as ``connected/…``, ``pivot/…``, ``chance/…`` metrics."""
+"""Evaluation of connected spaces (C-MCR): A↔C retrieval and cross-space classification, with two baselines that use
+no projector and chance, as ``connected/…``, ``pivot/…``, ``soft_pivot/…``, ``chance/…`` metrics.
+
+``pivot/…``: a query becomes the other-space embedding of its nearest shared (B) item. ``soft_pivot/…``: of all B
+items, weighted by ``softmax(sim / τ)`` in the query's space (:func:`soft_pivot`); ``soft_pivot/tau`` is τ, chosen
+from ``TAU_GRID`` by the mean R@1 of both directions on the validation pairs (eval.a_val, eval.c_val;
+``soft_pivot/tau_from: val``), else method.tau_memory (``tau_from: default``); ``soft_pivot/val_R@1`` is that mean.
+"""
 from __future__ import annotations
 
 import json
@@ -12,6 +18,7 @@ import torch
 from polyalign.connect.embeddings import Log, duplicates, read_embeddings
 from polyalign.errors import DataError
 from polyalign.eval.retrieval import positive_ranks, topk_chunked
+from polyalign.losses.cmcr import soft_retrieve
 
 if TYPE_CHECKING:
     from polyalign.connect.model import ConnectedSpaces
@@ -36,6 +43,9 @@ class ClassifySet:
     classes_space: str = "x"
 
 
+TAU_GRID = (0.003, 0.01, 0.03, 0.1, 0.3)  # the soft pivot's τ candidates, chosen on the validation pairs
+
+
 def _read_labels(path: str) -> list[str]:
     p = Path(path)
     if not p.is_file():
@@ -45,26 +55,35 @@ def _read_labels(path: str) -> list[str]:
     return [line.strip() for line in p.read_text().splitlines() if line.strip()]
 
 
+def _load_pairs(a_path: str, c_path: str, split: str, log: Log) -> RetrievalSet:
+    """The pairs of ``eval.a_<split>`` and ``eval.c_<split>`` (joined by id, or by row when neither has ids)."""
+    na, nc = f"eval.a_{split}", f"eval.c_{split}"
+    a, c = read_embeddings(a_path, na, log), read_embeddings(c_path, nc, log)
+    if a.ids is None or c.ids is None:
+        if a.ids is not None or c.ids is not None or a.vectors.shape[0] != c.vectors.shape[0]:
+            raise DataError(f"{na} and {nc}: give both files ids (pairs share an id), or neither "
+                            f"with the same row count ({a.vectors.shape[0]} vs {c.vectors.shape[0]})")
+        c_to_a = torch.arange(a.vectors.shape[0])
+    else:
+        if dup := duplicates(a.ids):
+            raise DataError(f"{na}: {len(dup)} duplicate ids, e.g. {dup[:3]} (each A item needs one id)")
+        pos = {i: n for n, i in enumerate(a.ids)}
+        missing = [i for i in c.ids if i not in pos]
+        if missing:
+            raise DataError(f"{nc}: {len(missing)} of {len(c.ids)} ids have no A item in {na}, e.g. {missing[:3]}")
+        c_to_a = torch.tensor([pos[i] for i in c.ids])
+    return RetrievalSet(a.vectors, c.vectors, c_to_a)
+
+
+def load_val_set(cfg: ConnectEval, log: Log = print) -> RetrievalSet | None:
+    """The validation pairs (eval.a_val, eval.c_val) that choose the soft pivot's τ; None when not given."""
+    return _load_pairs(cfg.a_val, cfg.c_val, "val", log) if cfg.a_val else None
+
+
 def load_eval_sets(cfg: ConnectEval, log: Log = print) -> tuple[RetrievalSet | None, ClassifySet | None]:
     """The evaluation files named in ``cfg`` (each part optional)."""
-    retrieval = classify = None
-    if cfg.a_test:
-        a, c = read_embeddings(cfg.a_test, "eval.a_test", log), read_embeddings(cfg.c_test, "eval.c_test", log)
-        if a.ids is None or c.ids is None:
-            if a.ids is not None or c.ids is not None or a.vectors.shape[0] != c.vectors.shape[0]:
-                raise DataError("eval.a_test and eval.c_test: give both files ids (pairs share an id), or neither "
-                                f"with the same row count ({a.vectors.shape[0]} vs {c.vectors.shape[0]})")
-            c_to_a = torch.arange(a.vectors.shape[0])
-        else:
-            if dup := duplicates(a.ids):
-                raise DataError(f"eval.a_test: {len(dup)} duplicate ids, e.g. {dup[:3]} (each A item needs one id)")
-            pos = {i: n for n, i in enumerate(a.ids)}
-            missing = [i for i in c.ids if i not in pos]
-            if missing:
-                raise DataError(f"eval.c_test: {len(missing)} of {len(c.ids)} ids have no A item in eval.a_test, "
-                                f"e.g. {missing[:3]}")
-            c_to_a = torch.tensor([pos[i] for i in c.ids])
-        retrieval = RetrievalSet(a.vectors, c.vectors, c_to_a)
+    retrieval = _load_pairs(cfg.a_test, cfg.c_test, "test", log) if cfg.a_test else None
+    classify = None
     if cfg.classes:
         classes = read_embeddings(cfg.classes, "eval.classes", log)
         items = read_embeddings(cfg.items, "eval.items", log)
@@ -80,12 +99,15 @@ def load_eval_sets(cfg: ConnectEval, log: Log = print) -> tuple[RetrievalSet | N
     return retrieval, classify
 
 
-def check_eval_dims(dims: tuple[int, int], retrieval: RetrievalSet | None, classify: ClassifySet | None) -> None:
+def check_eval_dims(dims: tuple[int, int], retrieval: RetrievalSet | None, classify: ClassifySet | None,
+                    val: RetrievalSet | None = None) -> None:
+    """A ``DataError`` naming every evaluation file whose dimension is not its space's."""
     dx, dy = dims
     dim = {"x": dx, "y": dy}
     found = {}
-    if retrieval is not None:
-        found.update({"eval.a_test (X)": (retrieval.a.shape[1], dx), "eval.c_test (Y)": (retrieval.c.shape[1], dy)})
+    for split, pairs in (("test", retrieval), ("val", val)):
+        if pairs is not None:
+            found.update({f"eval.a_{split} (X)": (pairs.a.shape[1], dx), f"eval.c_{split} (Y)": (pairs.c.shape[1], dy)})
     if classify is not None:
         other = "y" if classify.classes_space == "x" else "x"
         space = classify.classes_space
@@ -99,6 +121,30 @@ def check_eval_dims(dims: tuple[int, int], retrieval: RetrievalSet | None, class
 def _pivot(queries: torch.Tensor, b_from: torch.Tensor, b_to: torch.Tensor, chunk: int) -> torch.Tensor:
     """Pivot baseline: each query becomes the other-space embedding of its nearest B item in its own space."""
     return b_to[topk_chunked(queries, b_from, 1, chunk)[1][:, 0]]
+
+
+def soft_pivot(queries: torch.Tensor, b_from: torch.Tensor, b_to: torch.Tensor, tau: float) -> torch.Tensor:
+    """Soft pivot baseline: ``normalize(softmax(queries · b_fromᵀ / tau) · b_to)`` (Q, D of b_to), over all B items."""
+    return soft_retrieve(queries, b_from, tau, values=b_to)
+
+
+def _through_b(r: RetrievalSet, to_other, chunk: int) -> dict[str, float]:
+    """A↔C recalls of a baseline that maps A into Y and C into X: ``to_other(queries, space_from, space_to)``."""
+    a_in_y, c_in_x = to_other(r.a, "x", "y"), to_other(r.c, "y", "x")  # A → B (X) → Y; C → B (Y) → X
+    return {**{k: v for k, v in _recalls(a_in_y, r.c, r.c_to_a, chunk).items() if k.startswith("a2c")},
+            **{k: v for k, v in _recalls(r.a, c_in_x, r.c_to_a, chunk).items() if k.startswith("c2a")}}
+
+
+def choose_tau(val: RetrievalSet, b: dict[str, torch.Tensor], chunk: int = 8192,
+               grid=TAU_GRID) -> tuple[float, float]:
+    """The soft pivot's τ of ``grid`` with the best mean R@1 of both directions on ``val`` (the first on a tie), and
+    that mean."""
+    scores = []
+    for tau in grid:
+        m = _through_b(val, lambda q, f, t, tau=tau: soft_pivot(q, b[f], b[t], tau), chunk)
+        scores.append((m["a2c_R@1"] + m["c2a_R@1"]) / 2)
+    best = max(range(len(grid)), key=lambda i: (scores[i], -i))
+    return grid[best], scores[best]
 
 
 def _recalls(a: torch.Tensor, c: torch.Tensor, c_to_a: torch.Tensor, chunk: int, ks=(1, 5, 10)) -> dict[str, float]:
@@ -130,11 +176,12 @@ def _chance_recalls(c_to_a: torch.Tensor, n_a: int, ks=(1, 5, 10)) -> dict[str, 
 
 def evaluate(model: ConnectedSpaces, shared: tuple[torch.Tensor, torch.Tensor] | None = None,
              retrieval: RetrievalSet | None = None, classify: ClassifySet | None = None,
-             chunk_size: int = 8192) -> dict[str, float]:
-    """A↔C retrieval R@1/5/10 and median rank, and classification accuracy, of the connected model, the pivot
-    baseline (through the nearest B item of ``shared`` = (B in X, B in Y), row-aligned; left out without it) and
-    chance, as ``connected/…``, ``pivot/…``, ``chance/…`` keys."""
-    check_eval_dims((model.info["dim_x"], model.info["dim_y"]), retrieval, classify)
+             chunk_size: int = 8192, val: RetrievalSet | None = None, tau: float = 0.01) -> dict[str, float | str]:
+    """A↔C retrieval R@1/5/10 and median rank, and classification accuracy, of the connected model, the pivot and
+    soft pivot baselines (through the B items of ``shared`` = (B in X, B in Y), row-aligned; left out without it;
+    the soft pivot's τ chosen on ``val``, else ``tau``) and chance, as ``connected/…``, ``pivot/…``,
+    ``soft_pivot/…``, ``chance/…`` keys."""
+    check_eval_dims((model.info["dim_x"], model.info["dim_y"]), retrieval, classify, val)
     out = {}
     if retrieval is not None:
         r = retrieval
@@ -142,13 +189,17 @@ def evaluate(model: ConnectedSpaces, shared: tuple[torch.Tensor, torch.Tensor] |
         out.update({f"connected/{k}": v for k, v in _recalls(a_emb, c_emb, r.c_to_a, chunk_size).items()})
         out.update({f"chance/{k}": v for k, v in _chance_recalls(r.c_to_a, r.a.shape[0]).items()})
     b = {"x": shared[0], "y": shared[1]} if shared is not None else None
+    if b is not None and (retrieval is not None or classify is not None):
+        if val is not None:
+            tau, val_r1 = choose_tau(val, b, chunk_size)
+            out.update({"soft_pivot/tau": tau, "soft_pivot/tau_from": "val", "soft_pivot/val_R@1": val_r1})
+        else:
+            out.update({"soft_pivot/tau": tau, "soft_pivot/tau_from": "default"})
     if retrieval is not None and b is not None:
-        r = retrieval
-        a_in_y = _pivot(r.a, b["x"], b["y"], chunk_size)  # A → nearest B (X) → its Y embedding
-        c_in_x = _pivot(r.c, b["y"], b["x"], chunk_size)  # C → nearest B (Y) → its X embedding
-        pivot = {**{k: v for k, v in _recalls(a_in_y, r.c, r.c_to_a, chunk_size).items() if k.startswith("a2c")},
-                 **{k: v for k, v in _recalls(r.a, c_in_x, r.c_to_a, chunk_size).items() if k.startswith("c2a")}}
+        pivot = _through_b(retrieval, lambda q, f, t: _pivot(q, b[f], b[t], chunk_size), chunk_size)
         out.update({f"pivot/{k}": v for k, v in pivot.items()})
+        soft = _through_b(retrieval, lambda q, f, t: soft_pivot(q, b[f], b[t], tau), chunk_size)
+        out.update({f"soft_pivot/{k}": v for k, v in soft.items()})
     if classify is not None:
         s = classify
         other = "y" if s.classes_space == "x" else "x"
@@ -158,4 +209,6 @@ def evaluate(model: ConnectedSpaces, shared: tuple[torch.Tensor, torch.Tensor] |
         if b is not None:
             items_there = _pivot(s.items, b[other], b[s.classes_space], chunk_size)  # item → nearest B → other space
             out["pivot/classify_acc"] = (items_there @ s.classes.T).argmax(1).eq(s.labels).float().mean().item()
+            items_soft = soft_pivot(s.items, b[other], b[s.classes_space], tau)
+            out["soft_pivot/classify_acc"] = (items_soft @ s.classes.T).argmax(1).eq(s.labels).float().mean().item()
     return out

@@ -1,7 +1,8 @@
 """The connected model of C-MCR: one projector per space into a common space.
 
 Paper: Wang et al., "Connecting Multi-modal Contrastive Representations", NeurIPS 2023, arXiv 2305.14381;
-``mode="exmcr"`` follows "Extending Multi-modal Contrastive Representations", arXiv 2310.08884.
+``mode="anchor_x"`` (X fixed, Y mapped into X by a residual projector initialised at identity) is inspired by
+"Extending Multi-modal Contrastive Representations" (Ex-MCR), arXiv 2310.08884, but is not its released recipe.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from polyalign.config.connect import ConnectConfig, ConnectMethod
+from polyalign.config.connect import EXMCR_RENAMED, ConnectConfig, ConnectMethod
 from polyalign.config.tree import to_dict
 from polyalign.connect.projectors import CMCRProjector, FixedSpace, ResidualProjector
 from polyalign.errors import ConfigError, DataError
@@ -24,9 +25,11 @@ class ConnectedSpaces(nn.Module):
 
     def __init__(self, dim_x: int, dim_y: int, dim: int = 0, mode: str = "cmcr", projector: str = "mlp"):
         super().__init__()
-        if mode == "exmcr":  # X is the base: Y is mapped into it
+        if mode == "exmcr":
+            raise ConfigError(EXMCR_RENAMED)
+        if mode == "anchor_x":  # X is the base: Y is mapped into it
             if dim not in (0, dim_x):
-                raise ConfigError(f"method.mode=exmcr maps Y into X: method.dim must be 0 or {dim_x}, got {dim}")
+                raise ConfigError(f"method.mode=anchor_x maps Y into X: method.dim must be 0 or {dim_x}, got {dim}")
             dim = dim_x
             self.proj_x, self.proj_y = FixedSpace(), ResidualProjector(dim_y, dim)
         elif mode == "cmcr":
@@ -35,7 +38,7 @@ class ConnectedSpaces(nn.Module):
             dim = dim or dim_x
             self.proj_x, self.proj_y = CMCRProjector(dim_x, dim, projector), CMCRProjector(dim_y, dim, projector)
         else:
-            raise ConfigError(f"unknown mode {mode!r} (cmcr | exmcr)")
+            raise ConfigError(f"unknown mode {mode!r} (cmcr | anchor_x)")
         self.info = {"dim_x": dim_x, "dim_y": dim_y, "dim": dim, "mode": mode, "projector": projector}
 
     @classmethod
@@ -49,9 +52,12 @@ class ConnectedSpaces(nn.Module):
             raise ValueError(f"space must be 'x' or 'y', got {space!r}")
         return self.proj_x if space == "x" else self.proj_y
 
-    def forward(self, b_x, a_x, b_y, c_y) -> dict[str, torch.Tensor]:
+    def forward(self, b_x, a_x, b_y, c_y) -> dict[str, torch.Tensor | None]:
         """Projected (B, dim) embeddings, keyed as :func:`cmcr_loss` takes them. Both modalities of a space go
-        through its projector as one batch, so BatchNorm's statistics are those of the mixture it sees at inference."""
+        through its projector as one batch, so BatchNorm's statistics are those of the mixture it sees at inference.
+        ``a_x`` and ``c_y`` None (no memories): B alone, and None for them."""
+        if a_x is None or c_y is None:
+            return {"b_x": self.proj_x(b_x), "a_x": None, "b_y": self.proj_y(b_y), "c_y": None}
         n = b_x.shape[0]
         px, py = self.proj_x(torch.cat([b_x, a_x])), self.proj_y(torch.cat([b_y, c_y]))  # (2B, dim) each
         return {"b_x": px[:n], "a_x": px[n:], "b_y": py[:n], "c_y": py[n:]}
@@ -91,6 +97,7 @@ class ConnectedSpaces(nn.Module):
             if not (out / name).is_file():
                 raise DataError(f"{out} holds no connected model ({name} is missing)")
         meta = json.loads((out / "connector.json").read_text())
-        model = cls(meta["dim_x"], meta["dim_y"], meta["dim"], meta["mode"], meta["projector"])
+        mode = "anchor_x" if meta["mode"] == "exmcr" else meta["mode"]  # saved before the rename: the same model
+        model = cls(meta["dim_x"], meta["dim_y"], meta["dim"], mode, meta["projector"])
         model.load_state_dict(load_file(str(out / "connector.safetensors")))
         return model.eval()

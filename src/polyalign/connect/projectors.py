@@ -1,7 +1,8 @@
 """Projectors that connect two frozen contrastive spaces: one per space, shared by both modalities of that space.
 
 C-MCR: Wang et al., "Connecting Multi-modal Contrastive Representations", arXiv 2305.14381.
-Ex-MCR: "Extending Multi-modal Contrastive Representations", arXiv 2310.08884.
+The anchor_x mode (ResidualProjector, FixedSpace) is inspired by Ex-MCR, "Extending Multi-modal Contrastive
+Representations", arXiv 2310.08884, not its released recipe.
 """
 from __future__ import annotations
 
@@ -40,9 +41,9 @@ class CMCRProjector(nn.Module):
 
 
 class ResidualProjector(nn.Module):
-    """Ex-MCR style map of a space *into* a fixed base space: ``h = W x`` (W identity-initialised, or the leading
-    identity block when the dims differ), ``normalize(h + MLP(h))`` with the MLP's last layer zero-initialised,
-    so training starts from the identity map."""
+    """Map of a space *into* a fixed base space (anchor_x, inspired by Ex-MCR): ``h = W x`` (W identity-initialised,
+    or the leading identity block when the dims differ), ``normalize(h + MLP(h))`` with the MLP's last layer
+    zero-initialised, so training starts from the identity map."""
 
     def __init__(self, in_dim: int, out_dim: int):
         super().__init__()
@@ -62,7 +63,7 @@ class ResidualProjector(nn.Module):
 
 
 class FixedSpace(nn.Module):
-    """The base space of Ex-MCR: no parameters, embeddings pass through (re-normalised)."""
+    """The fixed base space of anchor_x: no parameters, embeddings pass through (re-normalised)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.normalize(x, dim=-1)

@@ -1,7 +1,7 @@
 """Connect two contrastive spaces that share a modality, from precomputed embeddings (C-MCR): the whole run.
 
 Paper: Wang et al., "Connecting Multi-modal Contrastive Representations", NeurIPS 2023, arXiv 2305.14381;
-``method.mode=exmcr`` follows "Extending Multi-modal Contrastive Representations", arXiv 2310.08884.
+``method.mode=anchor_x`` (X fixed, Y mapped into it) is inspired by Ex-MCR, arXiv 2310.08884, not its released recipe.
 
 Space X aligns modalities (A, B), space Y aligns (B, C). From B items embedded in both spaces and *unpaired*
 memories of A (in X) and C (in Y), one projector per space learns a common space in which A and C compare,
@@ -12,7 +12,8 @@ although no (A, C) pair is ever seen::
 
 Embedding files (``.npy`` + ids file, or ``.safetensors``): see ``polyalign.connect.embeddings``. B files are joined
 by id (by row when neither has ids). Evaluation (``polyalign.connect.evaluate``) labels: ``NAME.txt`` (one class name
-per line) or ``NAME.json`` (a list), aligned with the items.
+per line) or ``NAME.json`` (a list), aligned with the items. Besides the evaluation's metrics, metrics.json holds
+``train/noise_std_x`` and ``train/noise_std_y`` (the noise std used in each space, see method.noise_scale).
 
 ``polyalign connect CONFIG.yaml [key=value ...] --out DIR [--resume]`` reads a config described in
 ``polyalign.config.connect``; ``--resume`` continues from ``DIR/checkpoints`` exactly.
@@ -28,9 +29,9 @@ from polyalign.config.connect import ConnectConfig, load_connect_config
 from polyalign.config.tree import to_dict
 from polyalign.connect.data import load_inputs, load_shared
 from polyalign.connect.embeddings import Log
-from polyalign.connect.evaluate import check_eval_dims, evaluate, load_eval_sets
+from polyalign.connect.evaluate import check_eval_dims, evaluate, load_eval_sets, load_val_set
 from polyalign.connect.model import ConnectedSpaces
-from polyalign.connect.train import train_connection
+from polyalign.connect.train import noise_stds, train_connection
 from polyalign.errors import ConfigError
 from polyalign.train.checkpoint import find_checkpoint, load_state
 from polyalign.train.files import atomic_write, write_json
@@ -54,9 +55,10 @@ def run_connect(cfg: ConnectConfig, out_dir: str | Path, resume: bool = False, l
         notes.append(msg)
         log(msg)
 
-    data = load_inputs(cfg.inputs, note)
+    data = load_inputs(cfg.inputs, note, cfg.method.memories)
     retrieval, classify = load_eval_sets(cfg.eval, note)  # read before training: bad files fail early
-    check_eval_dims(data.dims, retrieval, classify)
+    val = load_val_set(cfg.eval, note)
+    check_eval_dims(data.dims, retrieval, classify, val)
     last = find_checkpoint(ckpt_dir)
     if not resume and (last is not None or is_connect_run(out)):
         held = f"checkpoint at step {last}" if last is not None else "a connected model"
@@ -78,11 +80,14 @@ def run_connect(cfg: ConnectConfig, out_dir: str | Path, resume: bool = False, l
     if last is not None:  # only now that the checkpoint fits cfg: a refused resume keeps the run's config.yaml
         save_config()
     model.save(out, cfg)
-    metrics = evaluate(model.cpu(), (data.b_x, data.b_y), retrieval, classify, cfg.eval.chunk_size)
+    metrics = evaluate(model.cpu(), (data.b_x, data.b_y), retrieval, classify, cfg.eval.chunk_size, val,
+                       cfg.method.tau_memory)
+    std_x, std_y = noise_stds(cfg.method, data.dims)
+    n_mem = [0 if m is None else m.shape[0] for m in (data.memory_a, data.memory_c)]
     metrics.update({"train/seconds": load_state(ckpt_dir, find_checkpoint(ckpt_dir))["seconds"],  # all sessions'
                     "train/final_loss": rows[-1]["loss"] if rows else float("nan"),
-                    "inputs/n_b": data.b_x.shape[0], "inputs/n_memory_a": data.memory_a.shape[0],
-                    "inputs/n_memory_c": data.memory_c.shape[0]})
+                    "inputs/n_b": data.b_x.shape[0], "inputs/n_memory_a": n_mem[0], "inputs/n_memory_c": n_mem[1],
+                    "train/noise_std_x": std_x, "train/noise_std_y": std_y})
     write_json(out / "metrics.json", metrics)
     write_json(out / "inputs.json", {"notes": notes, "dims": list(data.dims)}, sort_keys=False)
     if rows:
@@ -110,8 +115,9 @@ def evaluate_connect_run(run_dir: str | Path, overrides: list[str] = (), log: Lo
     if retrieval is None and classify is None:
         raise ConfigError(f"{run / 'config.yaml'} names no evaluation set: give eval.a_test + eval.c_test, or "
                           "eval.classes + eval.items + eval.labels")
-    shared = load_shared(cfg.inputs, log) if cfg.inputs.b_x and cfg.inputs.b_y else None  # the pivot's; no memories
-    metrics = evaluate(model, shared, retrieval, classify, cfg.eval.chunk_size)
+    shared = load_shared(cfg.inputs, log) if cfg.inputs.b_x and cfg.inputs.b_y else None  # the pivots'; no memories
+    metrics = evaluate(model, shared, retrieval, classify, cfg.eval.chunk_size, load_val_set(cfg.eval, log),
+                       cfg.method.tau_memory)
     previous = run / "metrics.json"
     merged = {**(json.loads(previous.read_text()) if previous.exists() else {}), **metrics}
     write_json(previous, merged)

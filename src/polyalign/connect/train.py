@@ -18,7 +18,7 @@ from polyalign.connect.data import ConnectData
 from polyalign.connect.embeddings import Log
 from polyalign.connect.model import ConnectedSpaces
 from polyalign.errors import ConfigError, TrainingError
-from polyalign.losses.cmcr import add_noise, cmcr_loss, soft_retrieve
+from polyalign.losses.cmcr import add_noise, cmcr_loss, nearest_index, soft_retrieve
 from polyalign.train.checkpoint import (find_checkpoint, load_state, load_weights, rng_state, save_checkpoint,
                                         set_rng_state)
 from polyalign.train.files import truncate_log
@@ -29,18 +29,37 @@ def pseudo_pairs(data: ConnectData, method: ConnectMethod,
                  generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Pseudo A (in X) and pseudo C (in Y) for every B item, from the clean embeddings: (N, Dx), (N, Dy).
 
-    Semantic consistency: ``normalize(softmax(b · Mᵀ / τ1) · M)`` per space; switched off, a random memory row each."""
+    ``method.pseudo_pairs``: soft (semantic consistency): ``normalize(softmax(b · Mᵀ / τ1) · M)`` per space;
+    nearest (no consistency): the memory row with the highest dot product, as it is; random (ablation): a random
+    memory row (drawn from ``generator``)."""
+    if not data.has_memories:
+        raise ConfigError("pseudo pairs need inputs.memory_a and inputs.memory_c (or method.memories=false)")
     device = generator.device
-    if not method.semantic_consistency:  # ablation
+    if method.pseudo_pairs == "random":  # ablation
         n = data.b_x.shape[0]
         pick = [torch.randint(len(m), (n,), generator=generator, device=device).cpu()
                 for m in (data.memory_a, data.memory_c)]
         return data.memory_a[pick[0]], data.memory_c[pick[1]]
-    kw = dict(tau=method.tau_memory, query_chunk=method.query_chunk, memory_chunk=method.memory_chunk,
+    kw = dict(query_chunk=method.query_chunk, memory_chunk=method.memory_chunk,
               dtype=torch.bfloat16 if method.memory_precision == "bf16" else torch.float32)
     # the memories stay where they are; their chunks move to the queries' device one at a time
-    return (soft_retrieve(data.b_x.to(device), data.memory_a, **kw).cpu(),
-            soft_retrieve(data.b_y.to(device), data.memory_c, **kw).cpu())
+    if method.pseudo_pairs == "nearest":
+        return (data.memory_a[nearest_index(data.b_x.to(device), data.memory_a, **kw)],
+                data.memory_c[nearest_index(data.b_y.to(device), data.memory_c, **kw)])
+    if method.pseudo_pairs != "soft":
+        raise ConfigError(f"unknown method.pseudo_pairs {method.pseudo_pairs!r} (soft | nearest | random)")
+    return (soft_retrieve(data.b_x.to(device), data.memory_a, method.tau_memory, **kw).cpu(),
+            soft_retrieve(data.b_y.to(device), data.memory_c, method.tau_memory, **kw).cpu())
+
+
+def noise_stds(method: ConnectMethod, dims: tuple[int, int]) -> tuple[float, float]:
+    """The std of the semantic-completion noise in X and in Y: ``sqrt(noise_var)`` (noise_scale fixed), or
+    ``sqrt(noise_var · 512 / d)`` for a space of dimension d (dim: the paper's σ² is for 512-d CLIP)."""
+    if method.noise_scale == "fixed":
+        return math.sqrt(method.noise_var), math.sqrt(method.noise_var)
+    if method.noise_scale != "dim":
+        raise ConfigError(f"unknown method.noise_scale {method.noise_scale!r} (fixed | dim)")
+    return tuple(math.sqrt(method.noise_var * 512 / d) for d in dims)
 
 
 def _device(name: str) -> torch.device:
@@ -97,17 +116,25 @@ def _train(data: ConnectData, cfg: ConnectConfig, log: Log, log_path: Path | Non
     t0 = time.time()
     torch.manual_seed(t.seed)  # projector init
     gen = torch.Generator(device=device).manual_seed(t.seed)  # pseudo-pair ablation, batch order, noise
-    a_x, c_y = pseudo_pairs(data, m, gen)  # (N, Dx), (N, Dy), once, from clean embeddings (again on resume)
-    log(f"pseudo pairs for {data.b_x.shape[0]} B items from memories of {data.memory_a.shape[0]} A and "
-        f"{data.memory_c.shape[0]} C ({'soft retrieval' if m.semantic_consistency else 'random memory rows'}): "
-        f"{time.time() - t0:.1f} s")
-    embs = [e.to(device) for e in (data.b_x, a_x, data.b_y, c_y)]
+    if m.memories:
+        a_x, c_y = pseudo_pairs(data, m, gen)  # (N, Dx), (N, Dy), once, from clean embeddings (again on resume)
+        how = {"soft": "soft retrieval", "nearest": "nearest memory rows", "random": "random memory rows"}
+        log(f"pseudo pairs for {data.b_x.shape[0]} B items from memories of {data.memory_a.shape[0]} A and "
+            f"{data.memory_c.shape[0]} C ({how[m.pseudo_pairs]}): {time.time() - t0:.1f} s")
+        embs = [e.to(device) for e in (data.b_x, a_x, data.b_y, c_y)]
+    else:  # no memories: B pairs alone, the native InfoNCE
+        log(f"method.memories=false: no pseudo pairs; training on the {data.b_x.shape[0]} B pairs alone")
+        embs = [data.b_x.to(device), None, data.b_y.to(device), None]
+    std_x, std_y = noise_stds(m, data.dims)
+    log(f"noise std {std_x:.4g} in X (d = {data.dims[0]}), {std_y:.4g} in Y (d = {data.dims[1]}) "
+        f"(method.noise_scale={m.noise_scale}, noise_var {m.noise_var:g})")
     model = ConnectedSpaces.from_config(m, *data.dims).to(device).train()
     opt = adamw(model, t.lr, t.weight_decay)  # decay on weight matrices, not biases or BatchNorm; torch's betas, eps
     n = data.b_x.shape[0]
     batch = min(t.batch_size, n)
     per_epoch = n // batch  # a partial last batch is dropped; the next epoch's order differs
-    total, std, every = t.epochs * per_epoch, math.sqrt(m.noise_var), t.checkpoint_every or per_epoch
+    total, every = t.epochs * per_epoch, t.checkpoint_every or per_epoch
+    stds = (std_x, std_x, std_y, std_y)  # of b_x, a_x, b_y, c_y
     # where the run stands: steps done, the epoch and batch of the next step, that epoch's order (None: not drawn)
     step, first_epoch, first_batch, order, rows, seconds = 0, 0, 0, None, [], 0.0
     last = find_checkpoint(ckpt_dir) if ckpt_dir is not None else None
@@ -125,7 +152,8 @@ def _train(data: ConnectData, cfg: ConnectConfig, log: Log, log_path: Path | Non
         for i in range(first_batch, per_epoch):
             lr = set_lr(opt, cosine_lr(step, total, t.lr, t.min_lr))
             idx = order[i * batch : (i + 1) * batch]
-            views = [add_noise(e[idx], std, gen) for e in embs]  # 4 × (B, D): fresh noise every step
+            views = [None if e is None else add_noise(e[idx], std, gen)  # 4 × (B, D): fresh noise every step
+                     for e, std in zip(embs, stds)]
             terms = cmcr_loss(**model(*views), tau_native=m.tau_native, tau_pseudo=m.tau_pseudo,
                               intra_weight=m.intra_weight)
             if not torch.isfinite(terms["loss"]):
@@ -154,8 +182,11 @@ def _train(data: ConnectData, cfg: ConnectConfig, log: Log, log_path: Path | Non
     return model.eval(), rows
 
 
-def connect(b_x, b_y, memory_a, memory_c, cfg: ConnectConfig | None = None, log: Log = print) -> ConnectedSpaces:
-    """Python entry point: connect two spaces from tensors (b_x and b_y row-aligned); returns the model in eval mode."""
+def connect(b_x, b_y, memory_a=None, memory_c=None, cfg: ConnectConfig | None = None,
+            log: Log = print) -> ConnectedSpaces:
+    """Python entry point: connect two spaces from tensors (b_x and b_y row-aligned; memories None only with
+    method.memories=false, and ignored then); returns the model in eval mode."""
     cfg = cfg or ConnectConfig()
     validate_connect(cfg)
-    return train_connection(ConnectData.from_tensors(b_x, b_y, memory_a, memory_c, log), cfg, log)[0]
+    memories = (memory_a, memory_c) if cfg.method.memories else (None, None)
+    return train_connection(ConnectData.from_tensors(b_x, b_y, *memories, log=log), cfg, log)[0]

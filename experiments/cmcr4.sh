@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# C-MCR on independent spaces, emoji4 concept split (the C-MCR issue): X = image–text on pretrained towers
+# (EfficientNet-Lite0 + MiniLM, tuned: configs/emoji4-tuned.yaml, from experiments/emoji4_table.sh), Y = audio–text
+# whose text tower is its own BPE transformer trained from scratch (configs/cmcr/emoji4-y-clap-scratch.yaml). The
+# two spaces share no tower and no sample; the pivot modality is text (captions of the training concepts).
+#   bash experiments/cmcr4.sh data          # manifests + spoken captions (espeak-ng), once
+#   bash experiments/cmcr4.sh [SPACE_SEEDS]  # default "0 1 2": for each seed s, X = tuned seed-s, Y trained seed s
+# Rows per pair of spaces (projector seed = space seed): full (soft pseudo pairs), nearest (no consistency: the raw
+# nearest memory row), random (random memory rows), no_noise, noise_dim (σ² · 512/d), no_intra, shared_only (no
+# memories), anchor_x; every run also reports the hard and the soft pivot (τ chosen on the val pairs).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PA=${POLYALIGN:-polyalign}
+PY=${PYTHON:-python}
+OUT=${OUT:-runs/cmcr4}
+XRUNS=${XRUNS:-runs/emoji4/concept/tuned}
+D=data/emoji4
+SP=data/emoji4-speech
+mkdir -p "$OUT"
+
+data() {
+  "$PY" - <<'EOF'
+import json
+from pathlib import Path
+d = Path("data/emoji4")
+rows = lambda p: [json.loads(line) for line in (d / p).read_text().splitlines() if line.strip()]
+train, test = rows("concept_train.jsonl"), rows("concept_test.jsonl")
+google = [r for r in train if r["style"] == "google"]
+out = {"cmcr4_y_train": google, "cmcr4_test": [r for r in test if r["style"] == "google"],
+       # val pairs (τ of the soft pivot only): twitter pictures of 300 training concepts vs their spoken first caption
+       "cmcr4_val": [r for r in train if r["style"] == "twitter"][:300]}
+for name, rs in out.items():
+    (d / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rs))
+    print(name, len(rs))
+EOF
+  [[ -f $SP/y_train/speech.jsonl ]] || "$PA" data speech --manifest $D/cmcr4_y_train.jsonl --out $SP/y_train \
+    --captions-per-item 4
+  [[ -f $SP/test/speech.jsonl ]] || "$PA" data speech --manifest $D/cmcr4_test.jsonl --out $SP/test
+  [[ -f $SP/val/speech.jsonl ]] || "$PA" data speech --manifest $D/cmcr4_val.jsonl --out $SP/val \
+    --voices en-gb-x-gbclan,en-us-nyc
+}
+
+spaces() {  # spaces SEED: Y trained, embeddings of both spaces, connect.yaml
+  local s=$1 d=$OUT/seed-$s e=$OUT/seed-$s/emb x=$XRUNS/seed-$1
+  mkdir -p "$e"
+  [[ -f $OUT/y-seed$s/metrics.json ]] || "$PA" train configs/cmcr/emoji4-y-clap-scratch.yaml train.seed=$s \
+    --out $OUT/y-seed$s
+  [[ -f $d/connect.yaml ]] && return 0
+  "$PA" embed "$x" --modality text --manifest $D/concept_train.jsonl --out "$e/text_x"
+  "$PA" embed $OUT/y-seed$s --modality text --manifest $D/concept_train.jsonl --out "$e/text_y"
+  "$PA" embed "$x" --modality image --manifest $D/concept_train.jsonl --out "$e/memory_image_x"
+  "$PA" embed $OUT/y-seed$s --modality audio --manifest $SP/y_train/speech.jsonl --id-field audio \
+    --out "$e/memory_audio_y"
+  for split in test val; do
+    "$PA" embed "$x" --modality image --manifest $D/cmcr4_$split.jsonl --id-field concept_id --out "$e/${split}_image_x"
+    "$PA" embed $OUT/y-seed$s --modality audio --manifest $SP/$split/speech.jsonl --id-field concept_id \
+      --out "$e/${split}_audio_y"
+  done
+  cat > "$d/connect.yaml" <<EOF
+# emoji4, independent spaces, seed $s: X = image–text ($x), Y = audio–text ($OUT/y-seed$s); audio → image via text
+inputs: {b_x: emb/text_x.npy, b_y: emb/text_y.npy, memory_a: emb/memory_image_x.npy, memory_c: emb/memory_audio_y.npy}
+eval: {a_test: emb/test_image_x.npy, c_test: emb/test_audio_y.npy, a_val: emb/val_image_x.npy, c_val: emb/val_audio_y.npy}
+method: {projector: mlp}
+train: {batch_size: 512, epochs: 50, log_every: 200, threads: 1, seed: $s}
+EOF
+}
+
+rows() {  # rows SEED
+  local d=$OUT/seed-$1 row extra
+  for row in full nearest random no_noise noise_dim no_intra shared_only anchor_x; do
+    case $row in
+      full) extra=() ;;
+      nearest) extra=(method.pseudo_pairs=nearest) ;;
+      random) extra=(method.pseudo_pairs=random) ;;
+      no_noise) extra=(method.noise_var=0) ;;
+      noise_dim) extra=(method.noise_scale=dim) ;;
+      no_intra) extra=(method.intra_weight=0) ;;
+      shared_only) extra=(method.memories=false) ;;
+      anchor_x) extra=(method.mode=anchor_x) ;;
+    esac
+    mkdir -p "$d/connect/$row"
+    [[ -f $d/connect/$row/metrics.json ]] || "$PA" connect "$d/connect.yaml" "${extra[@]}" \
+      --out "$d/connect/$row" > "$d/connect/$row.log"
+  done
+}
+
+if [[ ${1:-} == data ]]; then
+  data
+  exit 0
+fi
+for s in ${1:-0 1 2}; do
+  spaces "$s"
+  rows "$s"
+done
