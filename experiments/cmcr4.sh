@@ -5,9 +5,10 @@
 # two spaces share no tower and no sample; the pivot modality is text (captions of the training concepts).
 #   bash experiments/cmcr4.sh data          # manifests + spoken captions (espeak-ng), once
 #   bash experiments/cmcr4.sh [SPACE_SEEDS]  # default "0 1 2": for each seed s, X = tuned seed-s, Y trained seed s
-# Rows per pair of spaces (projector seed = space seed): full (soft pseudo pairs), nearest (no consistency: the raw
-# nearest memory row), random (random memory rows), no_noise, noise_dim (σ² · 512/d), no_intra, shared_only (no
-# memories), anchor_x; every run also reports the hard and the soft pivot (τ chosen on the val pairs).
+#   python experiments/cmcr_table.py runs/cmcr4/connect retrieval
+# Rows per pair of spaces (projector seed = space seed): full (soft pseudo pairs), nearest_pairs (no consistency: the
+# raw nearest memory row), random_pairs, no_noise, noise_dim (σ² · 512/d), no_intra, no_memories (shared modality
+# only), anchor_x; every run also reports the hard and the soft pivot (τ chosen on the val pairs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PA=${POLYALIGN:-polyalign}
@@ -40,21 +41,23 @@ EOF
     --voices en-gb-x-gbclan,en-us-nyc
 }
 
+emb() {  # emb RUN PREFIX ARGS...: polyalign embed, unless PREFIX.npy exists
+  [[ -f $2.npy ]] || "$PA" embed "$1" "${@:3}" --out "$2"
+}
+
 spaces() {  # spaces SEED: Y trained, embeddings of both spaces, connect.yaml
   local s=$1 d=$OUT/seed-$s e=$OUT/seed-$s/emb x=$XRUNS/seed-$1
   mkdir -p "$e"
   [[ -f $OUT/y-seed$s/metrics.json ]] || "$PA" train configs/cmcr/emoji4-y-clap-scratch.yaml train.seed=$s \
     --out $OUT/y-seed$s
   [[ -f $d/connect.yaml ]] && return 0
-  "$PA" embed "$x" --modality text --manifest $D/concept_train.jsonl --out "$e/text_x"
-  "$PA" embed $OUT/y-seed$s --modality text --manifest $D/concept_train.jsonl --out "$e/text_y"
-  "$PA" embed "$x" --modality image --manifest $D/concept_train.jsonl --out "$e/memory_image_x"
-  "$PA" embed $OUT/y-seed$s --modality audio --manifest $SP/y_train/speech.jsonl --id-field audio \
-    --out "$e/memory_audio_y"
+  emb "$x" "$e/text_x" --modality text --manifest $D/concept_train.jsonl
+  emb $OUT/y-seed$s "$e/text_y" --modality text --manifest $D/concept_train.jsonl
+  emb "$x" "$e/memory_image_x" --modality image --manifest $D/concept_train.jsonl
+  emb $OUT/y-seed$s "$e/memory_audio_y" --modality audio --manifest $SP/y_train/speech.jsonl --id-field audio
   for split in test val; do
-    "$PA" embed "$x" --modality image --manifest $D/cmcr4_$split.jsonl --id-field concept_id --out "$e/${split}_image_x"
-    "$PA" embed $OUT/y-seed$s --modality audio --manifest $SP/$split/speech.jsonl --id-field concept_id \
-      --out "$e/${split}_audio_y"
+    emb "$x" "$e/${split}_image_x" --modality image --manifest $D/cmcr4_$split.jsonl --id-field concept_id
+    emb $OUT/y-seed$s "$e/${split}_audio_y" --modality audio --manifest $SP/$split/speech.jsonl --id-field concept_id
   done
   cat > "$d/connect.yaml" <<EOF
 # emoji4, independent spaces, seed $s: X = image–text ($x), Y = audio–text ($OUT/y-seed$s); audio → image via text
@@ -65,22 +68,22 @@ train: {batch_size: 512, epochs: 50, log_every: 200, threads: 1, seed: $s}
 EOF
 }
 
-rows() {  # rows SEED
-  local d=$OUT/seed-$1 row extra
-  for row in full nearest random no_noise noise_dim no_intra shared_only anchor_x; do
+rows() {  # rows SEED: OUT/connect/<row>/seed-SEED (the layout of experiments/cmcr_table.py)
+  local s=$1 row extra out
+  for row in ${ROWS:-full no_memories nearest_pairs noise_dim random_pairs no_noise no_intra anchor_x}; do
     case $row in
       full) extra=() ;;
-      nearest) extra=(method.pseudo_pairs=nearest) ;;
-      random) extra=(method.pseudo_pairs=random) ;;
+      nearest_pairs) extra=(method.pseudo_pairs=nearest) ;;
+      random_pairs) extra=(method.pseudo_pairs=random) ;;
       no_noise) extra=(method.noise_var=0) ;;
       noise_dim) extra=(method.noise_scale=dim) ;;
       no_intra) extra=(method.intra_weight=0) ;;
-      shared_only) extra=(method.memories=false) ;;
+      no_memories) extra=(method.memories=false) ;;
       anchor_x) extra=(method.mode=anchor_x) ;;
     esac
-    mkdir -p "$d/connect/$row"
-    [[ -f $d/connect/$row/metrics.json ]] || "$PA" connect "$d/connect.yaml" "${extra[@]}" \
-      --out "$d/connect/$row" > "$d/connect/$row.log"
+    out=$OUT/connect/$row/seed-$s
+    mkdir -p "$(dirname "$out")"
+    [[ -f $out/metrics.json ]] || "$PA" connect "$OUT/seed-$s/connect.yaml" "${extra[@]}" --out "$out" > "$out.log"
   done
 }
 
