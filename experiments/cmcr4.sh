@@ -87,6 +87,18 @@ rows() {  # rows SEED: OUT/connect/<row>/seed-SEED (the layout of experiments/cm
   done
 }
 
+memory_sizes() {  # memory_sizes SEED: the full row with both memories cut to M rows (the same rows for every seed)
+  local s=$1 e=$OUT/seed-$1/emb m out
+  for m in ${SIZES:-500 1000 3000}; do
+    [[ -f $e/memory_image_x.m$m.npy ]] || "$PY" experiments/cmcr4_subsample.py "$e" "$m"
+    out=$OUT/connect/memory_$m/seed-$s
+    mkdir -p "$(dirname "$out")"
+    [[ -f $out/metrics.json ]] || "$PA" connect "$OUT/seed-$s/connect.yaml" \
+      inputs.memory_a="$(realpath "$e/memory_image_x.m$m.npy")" \
+      inputs.memory_c="$(realpath "$e/memory_audio_y.m$m.npy")" --out "$out" > "$out.log"
+  done
+}
+
 if [[ ${1:-} == data ]]; then
   data
   exit 0
@@ -94,4 +106,5 @@ fi
 for s in ${1:-0 1 2}; do
   spaces "$s"
   rows "$s"
+  memory_sizes "$s"
 done
