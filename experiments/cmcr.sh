@@ -12,6 +12,7 @@
 # Wall times go to $OUT/wall_times.tsv; tables: python experiments/cmcr_table.py $OUT/<part>/connect retrieval
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source experiments/cmcr_rows.sh
 PA=${POLYALIGN:-polyalign}
 PY=${PYTHON:-python}
 OUT=${OUT:-runs/cmcr}
@@ -43,17 +44,7 @@ connect_rows() {  # connect_rows PART_DIR CONFIG [overrides shared by every row]
   shift 2
   for seed in $SEEDS; do
     for row in $ROWS; do
-      case $row in
-        full) extra=() ;;
-        nearest_pairs) extra=(method.pseudo_pairs=nearest) ;;
-        random_pairs) extra=(method.pseudo_pairs=random) ;;
-        no_noise) extra=(method.noise_var=0) ;;
-        noise_dim) extra=(method.noise_scale=dim) ;;
-        no_intra) extra=(method.intra_weight=0) ;;
-        no_memories) extra=(method.memories=false) ;;
-        anchor_x) extra=(method.mode=anchor_x) ;;
-        *) echo "unknown row $row (see ROWS at the top)" >&2; exit 2 ;;
-      esac
+      row_overrides "$row"
       connect_once "$dir/connect/$row/seed-$seed" "$cfg" "$@" "${extra[@]}" train.seed="$seed"
     done
   done

@@ -11,6 +11,7 @@
 # only), anchor_x; every run also reports the hard and the soft pivot (τ chosen on the val pairs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source experiments/cmcr_rows.sh
 PA=${POLYALIGN:-polyalign}
 PY=${PYTHON:-python}
 OUT=${OUT:-runs/cmcr4}
@@ -71,16 +72,7 @@ EOF
 rows() {  # rows SEED: OUT/connect/<row>/seed-SEED (the layout of experiments/cmcr_table.py)
   local s=$1 row extra out
   for row in ${ROWS:-full no_memories nearest_pairs noise_dim random_pairs no_noise no_intra anchor_x}; do
-    case $row in
-      full) extra=() ;;
-      nearest_pairs) extra=(method.pseudo_pairs=nearest) ;;
-      random_pairs) extra=(method.pseudo_pairs=random) ;;
-      no_noise) extra=(method.noise_var=0) ;;
-      noise_dim) extra=(method.noise_scale=dim) ;;
-      no_intra) extra=(method.intra_weight=0) ;;
-      no_memories) extra=(method.memories=false) ;;
-      anchor_x) extra=(method.mode=anchor_x) ;;
-    esac
+    row_overrides "$row"
     out=$OUT/connect/$row/seed-$s
     mkdir -p "$(dirname "$out")"
     [[ -f $out/metrics.json ]] || "$PA" connect "$OUT/seed-$s/connect.yaml" "${extra[@]}" --out "$out" > "$out.log"

@@ -15,16 +15,7 @@ from polyalign.connect.evaluate import TAU_GRID, _recalls, choose_tau, evaluate,
 from polyalign.connect.train import noise_stds, train_connection
 from polyalign.errors import ConfigError
 from polyalign.losses.cmcr import soft_retrieve
-from test_connect import QUIET, save_npy, small_cfg, synthetic, unit
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny tensors: one thread is fastest, and steady on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+from test_connect import QUIET, one_torch_thread, save_npy, small_cfg, synthetic, unit  # noqa: F401 (autouse fixture)
 
 
 def raw_data(seed=0, n=50, m=103, dx=16, dy=24) -> ConnectData:
