@@ -91,6 +91,25 @@ memory_sizes() {  # memory_sizes SEED: the full row with both memories cut to M 
   done
 }
 
+paired() {  # paired SEED: the real-pairs baseline, projectors trained on N real (picture, spoken caption) pairs
+  local s=$1 e=$OUT/seed-$1/emb n out
+  [[ -f $D/cmcr4_pairs.jsonl ]] || "$PY" -c "
+import json, sys
+rows = [json.loads(l) for l in open('$SP/y_train/speech.jsonl') if l.strip()]
+open('$D/cmcr4_pairs.jsonl', 'w').write(''.join(json.dumps({'image': r['image'], 'captions': [r['caption']],
+    'clip': r['audio']}) + '\n' for r in rows))"
+  emb "$XRUNS/seed-$s" "$e/pair_image_x" --modality image --manifest $D/cmcr4_pairs.jsonl --id-field clip
+  for n in ${PAIRS:-100 1000 5462}; do
+    [[ -f $e/pair_image_x.p$n.npy ]] || "$PY" experiments/cmcr4_subsample.py "$e" "$n" pair_image_x \
+      memory_audio_y --tag p
+    out=$OUT/connect/paired_$n/seed-$s
+    mkdir -p "$(dirname "$out")"
+    [[ -f $out/metrics.json ]] || "$PA" connect "$OUT/seed-$s/connect.yaml" method.memories=false \
+      inputs.b_x="$(realpath "$e/pair_image_x.p$n.npy")" inputs.b_y="$(realpath "$e/memory_audio_y.p$n.npy")" \
+      train.batch_size=$(( n < 512 ? n : 512 )) --out "$out" > "$out.log"
+  done
+}
+
 if [[ ${1:-} == data ]]; then
   data
   exit 0
@@ -99,4 +118,5 @@ for s in ${1:-0 1 2}; do
   spaces "$s"
   rows "$s"
   memory_sizes "$s"
+  paired "$s"
 done
