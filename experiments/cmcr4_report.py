@@ -20,7 +20,9 @@ NAMES = {"full": "C-MCR (full, memories 5.5k)", "no_memories": "shared modality 
          "nearest_pairs": "− consistency (nearest memory row)", "random_pairs": "random memory pseudo pairs",
          "no_noise": "− noise", "noise_dim": "noise σ²·512/d", "no_intra": "− intra alignment",
          "anchor_x": "anchor_x (X fixed)", "memory_500": "C-MCR, memories 500", "memory_1000": "C-MCR, memories 1k",
-         "memory_3000": "C-MCR, memories 3k"}
+         "memory_3000": "C-MCR, memories 3k", "paired_100": "real pairs: 100 (picture, clip)",
+         "paired_1000": "real pairs: 1k", "paired_5462": "real pairs: 5.5k"}
+PAIRED = ["paired_100", "paired_1000", "paired_5462"]
 KEYS = ["c2a_R@1", "c2a_R@10", "c2a_MdR", "a2c_R@1", "a2c_R@10", "a2c_MdR"]
 SIZES = {"memory_500": 500, "memory_1000": 1000, "memory_3000": 3000}
 
@@ -58,7 +60,7 @@ def paired(a: dict[int, dict], b: dict[int, dict], key: str, digits: int) -> str
 
 
 def table(runs: dict) -> str:
-    rows = ["chance", "pivot", "soft_pivot"] + [r for r in ROWS + list(SIZES) if r in runs]
+    rows = ["chance", "pivot", "soft_pivot"] + [r for r in ROWS + list(SIZES) + PAIRED if r in runs]
     names = {"chance": "chance", "pivot": "hard pivot (nearest text)", "soft_pivot": "soft pivot (τ on val)", **NAMES}
     lines = ["| row | seeds | " + " | ".join(KEYS) + " |", "|---|---|" + "---|" * len(KEYS)]
     for r in rows:
@@ -67,7 +69,7 @@ def table(runs: dict) -> str:
     lines += ["", "Paired differences over the seeds (row − baseline), mean [95% t-interval]; * = the interval "
               "excludes 0. MdR: lower is better.", "",
               "| row | vs | c2a_R@1 | c2a_R@10 | c2a_MdR | a2c_R@10 | a2c_MdR |", "|---|---|---|---|---|---|---|"]
-    for r in [r for r in ROWS + list(SIZES) if r in runs and r != "no_memories"] + ["no_memories"]:
+    for r in [r for r in ROWS + list(SIZES) + PAIRED if r in runs and r != "no_memories"] + ["no_memories"]:
         for base in ("soft_pivot", "no_memories"):
             if base == r or r not in runs:
                 continue
