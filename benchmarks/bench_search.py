@@ -26,164 +26,26 @@ from __future__ import annotations
 import argparse
 import datetime
 import hashlib
-import http.client
 import json
 import os
 import platform
 import random
-import shutil
-import socket
 import statistics
-import subprocess
 import sys
-import threading
 import time
-import urllib.parse
 from pathlib import Path
 
 import numpy as np
 
+from search_corpus import captions, encode_cached, run_embed_dim, write_index
+from search_load import pct, rss_mb, start_server, stop_server, load_test
+from search_report import RESULTS, backends, targets, write_report
+from timing import load_avg, log
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_RUN = "runs/emoji4/concept/tuned/seed-0"  # experiments/emoji4_table.sh (its tuned row, seed 0)
-RESULTS = REPO / "benchmarks" / "results"
 
 
-def backends(kinds) -> list[tuple[str, str, str]]:
-    """(name, index folder, --backend) of every served backend: each FAISS kind, and torch top-k over flat's folder."""
-    return [(f"faiss-{k}", k, "faiss") for k in kinds] + [("torch-topk", "flat", "torch")]
-
-
-def parse_extras(spec: str) -> list[dict]:
-    """``M:efC[:efmax],...`` → extra HNSW builds (labelled monkeypatches of make_index's defaults and EF_SEARCH)."""
-    out = []
-    for item in filter(None, spec.split(",")):
-        m, efc, *rest = (int(x) for x in item.split(":"))
-        out.append({"kind": f"hnsw-M{m}-efC{efc}", "hnsw_m": m, "ef_construction": efc,
-                    "ef_max": rest[0] if rest else 512})
-    return out
-
-
-def log(*a) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}]", *a, flush=True)
-
-
-def load_avg() -> str:
-    return " ".join(f"{x:.2f}" for x in os.getloadavg())
-
-
-def pct(xs, q) -> float:
-    return float(np.percentile(np.asarray(xs), q)) if len(xs) else float("nan")
-
-
-def captions(manifest: Path) -> list[str]:
-    seen: dict[str, None] = {}
-    for line in manifest.read_text("utf-8").splitlines():
-        for c in json.loads(line).get("captions", []):
-            if c.strip():
-                seen.setdefault(c.strip(), None)
-    return list(seen)
-
-
-def run_embed_dim(run: Path) -> int:
-    import yaml
-
-    return int(yaml.safe_load((run / "config.yaml").read_text())["model"]["embed_dim"])
-
-
-def encode_cached(enc, texts: list[str], path: Path) -> np.ndarray:
-    if path.is_file():
-        got = np.load(path)
-        if got.shape[0] == len(texts):
-            return got
-    t0 = time.perf_counter()
-    emb = enc.encode("text", texts, numpy=True).astype(np.float32)
-    log(f"encoded {len(texts)} captions in {time.perf_counter() - t0:.1f} s")
-    np.save(path, emb)
-    return emb
-
-
-# ---------------------------------------------------------------- synthetic index
-
-def make_items(centres: np.ndarray, n: int, noise: float, seed: int, chunk: int):
-    """Yield (rows, cluster ids) chunks of n unit vectors: clustered, anisotropic noise (see the module doc)."""
-    rng = np.random.default_rng(seed)
-    c, e = centres.shape
-    rot, _ = np.linalg.qr(rng.standard_normal((e, e)))
-    lam = (np.arange(e) + 1.0) ** -0.75
-    lam *= noise / np.sqrt((lam ** 2).sum())
-    w = 1.0 / (np.arange(c) + 10.0)
-    w /= w.sum()
-    order = rng.permutation(c)  # which centre gets which popularity
-    done = 0
-    while done < n:
-        m = min(chunk, n - done)
-        which = order[rng.choice(c, size=m, p=w)]
-        x = centres[which] + ((rng.standard_normal((m, e)) * lam) @ rot).astype(np.float32)
-        x /= np.linalg.norm(x, axis=1, keepdims=True)
-        yield x.astype(np.float32), which
-        done += m
-
-
-def write_index(base: Path, n: int, centres: np.ndarray, names: list[str], queries: np.ndarray, args, run: Path,
-                step: int, model: str) -> dict:
-    """base/shards (shared), base/flat and base/hnsw (each: shards -> ../shards, image.faiss, info.json)."""
-    from safetensors.numpy import save_file
-
-    from polyalign.serve import faiss_index
-    from polyalign.serve.faiss_index import build_faiss
-
-    if base.exists():
-        shutil.rmtree(base)
-    (base / "shards").mkdir(parents=True)
-    t0 = time.perf_counter()
-    embs, n_shards = [], 0
-    for s, (x, which) in enumerate(make_items(centres, n, args.noise, args.seed, args.shard_size)):
-        lines = "".join(json.dumps({"id": f"syn-{s * args.shard_size + r:07d}", "caption": names[c],
-                                    "captions": [names[c]], "path": None, "fields": {"cluster": int(c)}},
-                                   ensure_ascii=False) + "\n" for r, c in enumerate(which))
-        (base / "shards" / f"image-{s:05d}.jsonl").write_text(lines, encoding="utf-8")
-        save_file({"embeddings": x}, str(base / "shards" / f"image-{s:05d}.safetensors"))
-        embs.append(x)
-        n_shards += 1
-    emb = np.concatenate(embs)
-    del embs
-    gen_s = time.perf_counter() - t0
-    log(f"{n}: wrote {n_shards} shards in {gen_s:.1f} s")
-    builds = {}
-    plans = [{"kind": "flat"}, {"kind": "hnsw"}] + parse_extras(args.hnsw_extra)
-    for plan in plans:
-        kind = plan["kind"]
-        d = base / kind
-        d.mkdir()
-        (d / "shards").symlink_to("../shards")
-        saved = faiss_index.make_index.__defaults__, faiss_index.EF_SEARCH
-        if "hnsw_m" in plan:  # MONKEYPATCH (labelled in the results): other construction params, longer efSearch ladder
-            faiss_index.make_index.__defaults__ = (plan["hnsw_m"], plan["ef_construction"])
-            ladder, ef = [], 16
-            while ef <= plan["ef_max"]:
-                ladder.append(ef)
-                ef *= 2
-            faiss_index.EF_SEARCH = tuple(ladder)
-        t0 = time.perf_counter()
-        try:
-            entry = build_faiss(emb, "hnsw" if kind.startswith("hnsw") else kind, d / "image.faiss", queries)
-        finally:
-            wall = time.perf_counter() - t0
-            if "hnsw_m" in plan:
-                entry["monkeypatched"] = {"hnsw_m": plan["hnsw_m"], "ef_construction": plan["ef_construction"],
-                                          "EF_SEARCH": list(faiss_index.EF_SEARCH)}
-            faiss_index.make_index.__defaults__, faiss_index.EF_SEARCH = saved
-        if kind.startswith("hnsw"):
-            entry["ladder"] = list(entry.get("monkeypatched", {}).get("EF_SEARCH", faiss_index.EF_SEARCH))
-        info = {"run": str(run), "step": step, "source": "synthetic",
-                "path": f"clustered unit vectors: {len(centres)} caption centres, noise {args.noise}, seed {args.seed}",
-                "id_field": "", "shard_size": args.shard_size, "kind": kind,
-                "parts": {"image": {"items": n, "dim": int(emb.shape[1]), "shards": n_shards, **entry}},
-                "skipped": {}, "model": model, "elapsed_s": round(wall, 2)}
-        (d / "info.json").write_text(json.dumps(info, indent=2))
-        builds[kind] = {**entry, "build_and_tune_s": round(wall, 2), "load": load_avg()}
-        log(f"{n}: built {kind} in {entry['build_s']} s (with tuning {wall:.1f} s): {entry}")
-    return {"emb": emb, "generate_s": round(gen_s, 2), "builds": builds, "shards": n_shards}
 
 
 # ---------------------------------------------------------------- in-process components
@@ -285,222 +147,6 @@ def components_search(base: Path, emb: np.ndarray, qv: np.ndarray, kinds: list[s
     return res
 
 
-# ---------------------------------------------------------------- the service under load
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def rss_mb(pid: int) -> float:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return float("nan")
-
-
-def start_server(idx: Path, backend: str, env_extra: dict, logf: Path, timeout: float = 900):
-    port = free_port()
-    env = {**os.environ, **env_extra}
-    cmd = [sys.executable, "-m", "polyalign", "serve", str(idx), "--host", "127.0.0.1", "--port", str(port),
-           "--backend", backend]
-    out = open(logf, "w")
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO)
-    while time.perf_counter() - t0 < timeout:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited ({proc.returncode}); see {logf}")
-        try:
-            c = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-            c.request("GET", "/healthz")
-            r = c.getresponse()
-            body = r.read()
-            c.close()
-            if r.status == 200:
-                return proc, port, time.perf_counter() - t0, json.loads(body)
-        except OSError:
-            pass
-        time.sleep(0.5)
-    proc.kill()
-    raise RuntimeError(f"server did not answer /healthz in {timeout} s; see {logf}")
-
-
-def stop_server(proc) -> None:
-    proc.terminate()
-    try:
-        proc.wait(20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
-def load_test(port: int, texts: list[str], clients: int, warmup: float, duration: float, seed: int) -> dict:
-    start = time.perf_counter()
-    warm_until, stop_at = start + warmup, start + warmup + duration
-    lat, took, errors, lock = [], [], [0], threading.Lock()
-
-    def client(i: int) -> None:
-        rng = random.Random(seed * 1000 + i)
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
-        mine, mine_took, bad = [], [], 0
-        while True:
-            now = time.perf_counter()
-            if now >= stop_at:
-                break
-            q = urllib.parse.urlencode({"text": rng.choice(texts), "k": 10})
-            t0 = time.perf_counter()
-            try:
-                conn.request("GET", f"/search?{q}")
-                r = conn.getresponse()
-                body = r.read()
-            except (OSError, http.client.HTTPException):
-                bad += 1
-                conn.close()
-                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
-                continue
-            t1 = time.perf_counter()
-            if r.status != 200:
-                bad += 1
-                continue
-            if t0 >= warm_until and t1 <= stop_at:
-                mine.append((t1 - t0) * 1000)
-                mine_took.append(json.loads(body)["took_ms"])
-        conn.close()
-        with lock:
-            lat.extend(mine)
-            took.extend(mine_took)
-            errors[0] += bad
-
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return {"clients": clients, "requests": len(lat), "errors": errors[0], "p50_ms": pct(lat, 50),
-            "p90_ms": pct(lat, 90), "p99_ms": pct(lat, 99), "qps": len(lat) / duration,
-            "server_took_p50_ms": pct(took, 50), "duration_s": duration, "load": load_avg()}
-
-
-# ---------------------------------------------------------------- report
-
-def fmt(x, nd=1) -> str:
-    return "–" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{x:.{nd}f}"
-
-
-def write_report(res: dict) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "search.json").write_text(json.dumps(res, indent=2, default=float))
-    L = ["# Search service benchmark (`polyalign serve`)", "",
-         f"- command: `{res['command']}`", f"- date: {res['date']}; host: {res['machine']}",
-         f"- run (text tower encoding the queries): `{res['run']}` (E = {res['dim']}; {res['model']})",
-         f"- load average at start / end: {res['load_start']} / {res.get('load_end', '?')} "
-         f"(a shared, noisy machine: compare rows of one run, not across runs)",
-         f"- items: {res['items_desc']}", f"- HTTP queries: {res['queries_desc']}",
-         f"- load: {res['clients']} concurrent keep-alive clients (http.client threads, same machine) and 1 sequential "
-         f"client; {res['warmup']} s warm-up, then {res['duration']} s measured per row; k = 10. "
-         "End-to-end = client-measured request latency (encode + queue + search + JSON).", ""]
-    L += ["## End to end", "",
-          "| size | backend | threads | clients | p50 ms | p99 ms | qps | server took p50 ms | search only 1q p50 ms (in-process) "
-          "| HNSW recall@10 (efSearch) | speed-up over exact (search only / e2e p50) | server RSS MB | start s |",
-          "|---:|---|---|---:|---:|---:|---:|---:|---:|---|---|---:|---:|"]
-    for size, s in res["sizes"].items():
-        comp = s["components"]
-        for row in s["serve"]:
-            ex = next((r for r in s["serve"] if r["backend"] == "faiss-flat" and r["variant"] == row["variant"]
-                       and r["clients"] == row["clients"]), None)
-            sfx = "@threads1" if row["variant"] == "threads1" else ""  # the in-process time under the same threads
-            srch = comp[row["backend"] + sfx]["search_1_p50_ms"]
-            rec = s["builds"].get(row["backend"].removeprefix("faiss-"), {})
-            rec_s = f"{rec['recall@10']:.3f} ({rec['ef_search']})" if "recall@10" in rec else "–"
-            speed = (f"{comp['faiss-flat' + sfx]['search_1_p50_ms'] / srch:.1f}× / {ex['p50_ms'] / row['p50_ms']:.2f}×"
-                     if ex and row["backend"] != "faiss-flat" else "1×")
-            L.append(f"| {int(size):,} | {row['backend']} | {row['variant']} | {row['clients']} | {fmt(row['p50_ms'])} "
-                     f"| {fmt(row['p99_ms'])} | {fmt(row['qps'])} | {fmt(row['server_took_p50_ms'])} | {fmt(srch, 2)} "
-                     f"| {rec_s} | {speed} "
-                     f"| {fmt(row['rss_mb'], 0)} | {fmt(row['start_s'])} |")
-    L += ["", "## Where the time goes (in-process, one query)", ""]
-    enc = res["encode"]
-    for k, v in enc.items():
-        if isinstance(v, dict):
-            L.append(f"- text encode, torch {k}: 1 query p50 {v['encode_1_p50_ms']:.1f} ms (p90 {v['encode_1_p90_ms']:.1f}); "
-                     f"a batch of 8 p50 {v['encode_8_p50_ms']:.1f} ms")
-    L.append(f"- `inference(model)` enter (model.eval() over every module + no_grad), paid per encode call: "
-             f"{enc['inference_ctx_enter_p50_ms']:.2f} ms")
-    L += ["", "| size | backend | search 1 query p50 ms | p99 ms | batch of 8 p50 ms |", "|---:|---|---:|---:|---:|"]
-    for size, s in res["sizes"].items():
-        for b, _, _ in backends(s["builds"]):
-            for suffix, label in (("", "default threads"), ("@threads1", "1 thread")):
-                c = s["components"][b + suffix]
-                L.append(f"| {int(size):,} | {b} ({label}) | {c['search_1_p50_ms']:.2f} | {c['search_1_p99_ms']:.2f} "
-                         f"| {c['search_8_p50_ms']:.2f} |")
-    for size, s in res["sizes"].items():
-        c = s["components"]["faiss-flat@blas_threshold=1"]
-        L.append(f"| {int(size):,} | faiss-flat (default threads, faiss.cvar.distance_compute_blas_threshold"
-                 f" = 1, as read_index sets it) | {c['search_1_p50_ms']:.2f} | – | {c['search_8_p50_ms']:.2f} |")
-    L += ["", "HNSW recall@10 vs exact / one-query search time (1 query, default threads) by efSearch, on the ~1000 "
-          "recall queries:", ""]
-    for size, s in res["sizes"].items():
-        for kind, curve in s["components"]["hnsw_curve"].items():
-            L.append(f"- {int(size):,}, {kind}: " + "; ".join(
-                f"ef {c['ef_search']}: {c['recall@10']:.3f} / {c['search_1_p50_ms']:.2f} ms" for c in curve))
-    L += ["", "## Builds", "", "| size | generate+write s | flat build s | HNSW build s | HNSW build+tune s | HNSW params "
-          "| efSearch | recall@10 | load |", "|---:|---:|---:|---:|---:|---|---:|---:|---|"]
-    for size, s in res["sizes"].items():
-        f = s["builds"]["flat"]
-        for kind, h in s["builds"].items():
-            if not kind.startswith("hnsw"):
-                continue
-            params = h.get("monkeypatched") or _make_index_defaults()
-            L.append(f"| {int(size):,} | {s['generate_s']:.1f} | {f['build_s']:.2f} | {h['build_s']:.1f} "
-                     f"| {h['build_and_tune_s']:.1f} | M={params['hnsw_m']}, efC={params['ef_construction']}, efSearch "
-                     f"ladder ≤ {h['ladder'][-1]}{' (MONKEYPATCHED)' if 'monkeypatched' in h else ' (defaults)'} "
-                     f"| {h['ef_search']} | {h['recall@10']:.4f} | {h['load']} |")
-    L += ["", "## Targets", ""] + [f"- {t}" for t in res["targets"]]
-    (RESULTS / "search.md").write_text("\n".join(L) + "\n")
-
-
-def targets(res: dict) -> list[str]:
-    out = []
-    big = str(max(int(s) for s in res["sizes"]))
-    s = res["sizes"][big]
-    for variant in res["variants"]:
-        for clients in (1, res["clients"]):
-            rows = [r for r in s["serve"] if r["variant"] == variant and r["clients"] == clients]
-            if rows:
-                best = min(rows, key=lambda r: r["p50_ms"])
-                hs = "; ".join(f"{r['backend']} p50 {r['p50_ms']:.1f} ms" for r in rows)
-                out.append(f"{int(big):,} items, end-to-end text query p50 ≤ 50 ms, threads={variant}, {clients} "
-                           f"client(s): {'MET' if best['p50_ms'] <= 50 else 'NOT MET'} by the best backend "
-                           f"({best['backend']}) ({hs})")
-    for size, s in res["sizes"].items():
-        c = s["components"]
-        for kind, h in s["builds"].items():
-            if not kind.startswith("hnsw"):
-                continue
-            b = f"faiss-{kind}"
-            out.append(f"{int(size):,} items, {kind}{' (monkeypatched params)' if 'monkeypatched' in h else ''}: "
-                       f"recall@10 ≥ 0.95: {'MET' if h['recall@10'] >= 0.95 else 'NOT MET'} ({h['recall@10']:.4f} at "
-                       f"efSearch {h['ef_search']}); one-query search "
-                       f"{c['faiss-flat']['search_1_p50_ms'] / c[b]['search_1_p50_ms']:.1f}× faster than exact "
-                       f"({c[b]['search_1_p50_ms']:.2f} vs {c['faiss-flat']['search_1_p50_ms']:.2f} ms, default threads; "
-                       f"1 thread: {c['faiss-flat@threads1']['search_1_p50_ms'] / c[b + '@threads1']['search_1_p50_ms']:.1f}×)")
-    return out
-
-
-def _make_index_defaults() -> dict:
-    """make_index's HNSW parameters as shipped."""
-    import inspect
-
-    from polyalign.serve.faiss_index import make_index
-
-    sig = inspect.signature(make_index).parameters
-    return {"hnsw_m": sig["hnsw_m"].default, "ef_construction": sig["ef_construction"].default}
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", default=DEFAULT_RUN, help="the run whose text tower encodes queries (and fixes E)")
@@ -518,8 +164,8 @@ def main() -> int:
     ap.add_argument("--duration-1", type=float, default=10.0, help="seconds for the 1-client row")
     ap.add_argument("--variants", default="default,threads1",
                     help="default: the service as shipped; threads1: OMP_NUM_THREADS=1 (proposed fix)")
-    ap.add_argument("--hnsw-extra", default="", help="extra HNSW builds M:efC[:efSearch max],... (labelled "
-                    "monkeypatches of make_index's defaults and EF_SEARCH), served next to the default one")
+    ap.add_argument("--hnsw-extra", default="", help="extra HNSW builds M:efC[:efSearch max],... (other build "
+                    "parameters, a longer monkeypatched EF_SEARCH ladder; labelled), served next to the default one")
     args = ap.parse_args()
 
     import torch

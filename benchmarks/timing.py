@@ -54,3 +54,15 @@ def timed_with_peak(fn, device, repeats: int) -> tuple[float, float]:
     seconds = timed(fn, device, repeats)
     extra = (torch.cuda.max_memory_allocated() - base) / 2**20 if device.type == "cuda" else rss_mb("VmHWM") - base
     return seconds, extra
+
+
+def log(*a) -> None:
+    """A timestamped progress line, flushed."""
+    print(f"[{time.strftime('%H:%M:%S')}]", *a, flush=True)
+
+
+def load_avg() -> str:
+    """The 1-, 5- and 15-minute load averages: how busy the shared machine was."""
+    import os
+
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
