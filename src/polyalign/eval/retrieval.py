@@ -1,6 +1,8 @@
 """Text↔image retrieval recall@k with several captions per image, computed in query chunks (never N×M at once)."""
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 
@@ -29,6 +31,7 @@ _TILE_ROWS, _TILE_COLS = 256, 4096  # a (256, 4096) fp32 similarity tile (4 MB) 
 _TIE = 2.0**-18  # |a - b| <= this * |q| * max|k|: the same pair's products from two kernels, a tie to recount
 
 
+@functools.lru_cache(maxsize=None)  # the kernel probe runs once per (dtype, device), not on every sweep
 def _matmul(dtype: torch.dtype, device: torch.device):
     """``mm(a, b) = a @ b.T``: on CPUs in fp32 through oneDNN (its AVX-512 kernels are ~1.7x MKL's sgemm on AMD
     EPYC here), else ``torch.mm``."""

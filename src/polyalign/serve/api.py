@@ -11,6 +11,7 @@ transparency on white, shorter side resized, centre crop), so an image encodes h
 """
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -88,7 +89,7 @@ class Encoder:
     def __repr__(self) -> str:
         return f"polyalign.Encoder({str(self.run_dir)!r}, step {self.step}, towers {', '.join(self.modalities)})"
 
-    @property
+    @functools.cached_property
     def embed_dim(self) -> int:
         """E, the width of every tower's embeddings."""
         m = self.modalities[-1]
@@ -107,14 +108,14 @@ class Encoder:
     def encode_image(self, images, batch_size: int = 64, numpy: bool = False):
         """(n, E) embeddings of images (any of: PIL, path, array, tensor; or a (B, 3, S, S) batch in [0, 1])."""
         self._check("image")
-        items = _as_list(images, "images", 3 if isinstance(images, torch.Tensor) else 0)
+        items = _as_list(images, 3 if isinstance(images, torch.Tensor) else 0)
         return self._batched(items, batch_size, lambda chunk: (torch.stack([self.preprocess(x) for x in chunk]),),
                              self.model.encode_image, numpy)
 
     def encode_text(self, texts, batch_size: int = 256, numpy: bool = False):
         """(n, E) embeddings of texts (a string or a list of strings, none empty)."""
         self._check("text")
-        items = _as_list(texts, "texts")
+        items = _as_list(texts)
         bad = [i for i, t in enumerate(items) if not isinstance(t, str) or not t.strip()]
         if bad:
             raise DataError(f"texts must be non-empty strings; item {bad[0]} is {items[bad[0]]!r}")
@@ -134,7 +135,7 @@ class Encoder:
                 return load_wav(x, rate)
             return torch.as_tensor(np.asarray(x, dtype=np.float32)).reshape(-1)
 
-        return self._batched(_as_list(clips, "clips", 1), batch_size, lambda chunk: pad_audio([wave(x) for x in chunk]),
+        return self._batched(_as_list(clips, 1), batch_size, lambda chunk: pad_audio([wave(x) for x in chunk]),
                              self.model.encode_audio, numpy)
 
     def encode_points(self, clouds, batch_size: int = 64, numpy: bool = False):
@@ -147,7 +148,7 @@ class Encoder:
                 raise DataError(f"a point cloud must be (N, 3), got shape {tuple(p.shape)}")
             return p
 
-        return self._batched(_as_list(clouds, "clouds", 2), batch_size, lambda chunk: (torch.stack([cloud(x) for x in chunk]),),
+        return self._batched(_as_list(clouds, 2), batch_size, lambda chunk: (torch.stack([cloud(x) for x in chunk]),),
                              self.model.encode_points, numpy)
 
     def _batched(self, items: list, batch_size: int, prepare, encode, numpy: bool):
@@ -162,7 +163,7 @@ class Encoder:
         return emb.numpy() if numpy else emb
 
 
-def _as_list(items, what: str, item_ndim: int = 0) -> list:
+def _as_list(items, item_ndim: int = 0) -> list:
     """A list or tuple of items, or one batch array/tensor with one more dimension than an item → a list; anything
     else is one item."""
     if isinstance(items, (list, tuple)):

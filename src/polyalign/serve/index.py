@@ -140,12 +140,14 @@ def build_index(run_dir, out_dir, *, manifest: str = "", folder: str = "", split
     if not dist.is_main():
         return {}
     info = {**job, "kind": kind, "parts": {}, "skipped": skipped, "model": repr(enc)}
-    for name, shards in counts.items():
-        emb, meta = read_part(out, name, shards)
+    parts = {name: read_part(out, name, shards) for name, shards in counts.items()}  # each read once
+    for name, (emb, meta) in parts.items():
         if not len(meta):
             raise PolyalignError(f"no {name} items could be indexed (skipped: {skipped})")
-        queries = _recall_queries(out, counts, name, recall_queries)
-        info["parts"][name] = {"items": len(meta), "dim": int(emb.shape[1]), "shards": shards,
+        # recall queries: the other part's embeddings (cross-modal, as searched), else the part's own
+        other = next((parts[p][0] for p in parts if p != name), emb)
+        queries = other[:: max(1, len(other) // recall_queries)][:recall_queries]
+        info["parts"][name] = {"items": len(meta), "dim": int(emb.shape[1]), "shards": counts[name],
                                **build_faiss(emb, kind, out / f"{name}.faiss", queries)}
     info["elapsed_s"] = round(time.time() - t0, 2)
     write_json(out / "info.json", info)
@@ -196,12 +198,3 @@ def read_part_meta(out: Path, part: str, n_shards: int) -> list[dict]:
     for s in range(n_shards):
         meta += [json.loads(x) for x in (out / "shards" / f"{shard_name(part, s)}.jsonl").read_text("utf-8").splitlines()]
     return meta
-
-
-def _recall_queries(out: Path, counts: dict, part: str, n: int) -> np.ndarray:
-    """Queries for the recall@10 of an approximate index: the other part's embeddings (cross-modal, as searched),
-    else the part's own; at most ``n``, spread evenly."""
-    other = next((p for p in counts if p != part), part)
-    emb, _ = read_part(out, other, counts[other])
-    step = max(1, len(emb) // n)
-    return emb[::step][:n]
