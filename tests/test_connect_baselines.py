@@ -11,7 +11,8 @@ import yaml
 
 from polyalign.connect import ConnectData, ConnectedSpaces, connect, load_connect_config, pseudo_pairs, run_connect
 from polyalign.connect import train as train_module
-from polyalign.connect.evaluate import TAU_GRID, _recalls, choose_tau, evaluate, soft_pivot
+from polyalign.connect.evaluate import TAU_GRID, ClassifySet, _recalls, choose_tau, evaluate, soft_pivot
+from polyalign.eval.bootstrap import paired_difference, seed_query_resamples
 from polyalign.connect.train import noise_stds, train_connection
 from polyalign.errors import ConfigError
 from polyalign.losses.cmcr import soft_retrieve
@@ -178,3 +179,50 @@ def test_cli_run_without_memories_with_validation_pairs(tmp_path):
     assert metrics["train/noise_std_x"] == pytest.approx(math.sqrt(0.004 * 512 / 32))
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["soft_pivot/tau"] == metrics["soft_pivot/tau"]
     assert np.isfinite(metrics["train/final_loss"])
+    ranks = np.load(tmp_path / "run" / "ranks.npz")  # per-query ranks of every method, for intervals over queries
+    assert {f"{m}.{d}" for m in ("connected", "pivot", "soft_pivot") for d in ("c2a", "a2c")} == set(ranks.files)
+    for m in ("connected", "pivot", "soft_pivot"):
+        assert (ranks[f"{m}.c2a"] < 10).mean() == pytest.approx(metrics[f"{m}/c2a_R@10"])
+        assert np.median(ranks[f"{m}.a2c"]) + 1 == pytest.approx(metrics[f"{m}/a2c_MdR"], abs=0.5)
+
+
+# ── per-query values and intervals over seeds and queries ────────────────────────────────────────────────────────
+def test_per_query_values_are_what_the_figures_summarise():
+    data, test = synthetic(n_b=300, n_mem=10, n_test=70)
+    model = ConnectedSpaces(32, 32).eval()
+    g = torch.Generator().manual_seed(5)
+    classify = ClassifySet(unit(6, 32, seed=8), test.c, torch.randint(0, 6, (70,), generator=g), "x")
+    per_query = {}
+    m = evaluate(model, (data.b_x, data.b_y), test, classify, chunk_size=16, per_query=per_query)
+    for method in ("connected", "pivot", "soft_pivot"):
+        c2a, a2c, hit = (per_query[f"{method}/{k}"] for k in ("c2a", "a2c", "classify_hit"))
+        assert c2a.shape == (70,) and a2c.shape == (torch.unique(test.c_to_a).numel(),)
+        for k in (1, 5, 10):
+            assert (c2a < k).float().mean().item() == pytest.approx(m[f"{method}/c2a_R@{k}"])
+            assert (a2c < k).float().mean().item() == pytest.approx(m[f"{method}/a2c_R@{k}"])
+        assert c2a.float().median().item() + 1 == m[f"{method}/c2a_MdR"]
+        assert hit.float().mean().item() == pytest.approx(m[f"{method}/classify_acc"])
+    # brute force: the connected model's C → A rank = how many A items score strictly higher than the positive
+    a, c = model.embed(test.a, "x"), model.embed(test.c, "y")
+    sims = c @ a.T
+    ref = (sims > sims[torch.arange(70), test.c_to_a][:, None]).sum(1)
+    assert torch.equal(per_query["connected/c2a"], ref)
+
+
+def test_seed_query_bootstrap_is_paired_and_covers_the_seeds():
+    rng = np.random.default_rng(0)
+    ranks = rng.integers(0, 50, size=(3, 200))
+    recall = lambda r: (r < 10).mean(-1)  # noqa: E731
+    observed, samples = seed_query_resamples(ranks, ranks, recall, 500)
+    assert observed == 0 and np.all(samples == 0)  # the same draw for both methods: no difference ever
+    assert paired_difference(np.zeros((3, 40)), np.full((3, 40), 99), recall, 300) == (1.0, 1.0, 1.0)
+    per_seed = np.repeat(np.array([[0], [20], [20]]), 30, axis=1)  # seeds differ, queries within a seed do not
+    diff, low, high = paired_difference(per_seed, np.full((3, 30), 99), recall, 2000)
+    assert diff == pytest.approx(1 / 3) and low == 0 and high == 1  # only resampling the seeds moves the figure
+    # queries are resampled too: one seed, R@10 ≈ 0.3 over 400 queries: the interval is the binomial ±1.96 σ
+    ranks_one_seed = np.where(rng.random((1, 400)) < 0.3, 0, 20)  # rank 0 (a hit) or 20 (a miss)
+    diff, low, high = paired_difference(ranks_one_seed, np.full((1, 400), 99), recall, 4000)
+    sd = (diff * (1 - diff) / 400) ** 0.5
+    assert high - low == pytest.approx(2 * 1.96 * sd, rel=0.15)
+    with pytest.raises(ValueError, match="one shape"):
+        seed_query_resamples(ranks, ranks[:, :10], recall)

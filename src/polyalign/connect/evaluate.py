@@ -13,12 +13,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from polyalign.connect.embeddings import Log, duplicates, read_embeddings
 from polyalign.errors import DataError
 from polyalign.eval.retrieval import positive_ranks, topk_chunked
 from polyalign.losses.cmcr import soft_retrieve
+from polyalign.train.files import atomic_write
 
 if TYPE_CHECKING:
     from polyalign.connect.model import ConnectedSpaces
@@ -128,11 +130,14 @@ def soft_pivot(queries: torch.Tensor, b_from: torch.Tensor, b_to: torch.Tensor, 
     return soft_retrieve(queries, b_from, tau, values=b_to)
 
 
-def _through_b(r: RetrievalSet, to_other, chunk: int) -> dict[str, float]:
-    """A↔C recalls of a baseline that maps A into Y and C into X: ``to_other(queries, space_from, space_to)``."""
+def _through_b(r: RetrievalSet, to_other, chunk: int, ranks: dict | None = None) -> dict[str, float]:
+    """A↔C recalls of a baseline that maps A into Y and C into X: ``to_other(queries, space_from, space_to)``;
+    ``ranks`` (when given) receives the per-query ranks as ``c2a`` and ``a2c``."""
     a_in_y, c_in_x = to_other(r.a, "x", "y"), to_other(r.c, "y", "x")  # A → B (X) → Y; C → B (Y) → X
-    return {**{k: v for k, v in _recalls(a_in_y, r.c, r.c_to_a, chunk).items() if k.startswith("a2c")},
-            **{k: v for k, v in _recalls(r.a, c_in_x, r.c_to_a, chunk).items() if k.startswith("c2a")}}
+    a2c, c2a = _ranks(a_in_y, r.c, r.c_to_a, chunk)[1], _ranks(r.a, c_in_x, r.c_to_a, chunk)[0]
+    if ranks is not None:
+        ranks.update(c2a=c2a, a2c=a2c)
+    return _from_ranks(c2a, a2c)
 
 
 def choose_tau(val: RetrievalSet, b: dict[str, torch.Tensor], chunk: int = 8192,
@@ -147,16 +152,26 @@ def choose_tau(val: RetrievalSet, b: dict[str, torch.Tensor], chunk: int = 8192,
     return grid[best], scores[best]
 
 
-def _recalls(a: torch.Tensor, c: torch.Tensor, c_to_a: torch.Tensor, chunk: int, ks=(1, 5, 10)) -> dict[str, float]:
-    """R@k both ways and the median rank (1 = first) of the positive, from one sweep of exact ranks: ``c2a`` of each
-    C query's A item, ``a2c`` of each A query's best-ranked C item (A items without any C pair left out)."""
+def _ranks(a: torch.Tensor, c: torch.Tensor, c_to_a: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact ranks (0 = first) from one sweep: ``c2a`` (Nc,) of each C query's A item, ``a2c`` of each A query's
+    best-ranked C item, for the A items that have a C pair (in A row order)."""
     c2a, a2c = positive_ranks(c, a, c_to_a, None, chunk)  # "captions" = C, "images" = A; 0 = first
-    a2c = a2c[torch.unique(c_to_a)]
+    return c2a, a2c[torch.unique(c_to_a)]
+
+
+def _from_ranks(c2a: torch.Tensor, a2c: torch.Tensor, ks=(1, 5, 10)) -> dict[str, float]:
+    """R@k both ways and the median rank (1 = first) of per-query ranks."""
     out = {}
     for name, rank in (("a2c", a2c), ("c2a", c2a)):
         out.update({f"{name}_R@{k}": (rank < k).float().mean().item() for k in ks})
         out[f"{name}_MdR"] = rank.float().median().item() + 1
     return out
+
+
+def _recalls(a: torch.Tensor, c: torch.Tensor, c_to_a: torch.Tensor, chunk: int, ks=(1, 5, 10)) -> dict[str, float]:
+    """R@k both ways and the median rank (1 = first) of the positive, from one sweep of exact ranks: ``c2a`` of each
+    C query's A item, ``a2c`` of each A query's best-ranked C item (A items without any C pair left out)."""
+    return _from_ranks(*_ranks(a, c, c_to_a, chunk), ks)
 
 
 def _chance_recalls(c_to_a: torch.Tensor, n_a: int, ks=(1, 5, 10)) -> dict[str, float]:
@@ -176,17 +191,23 @@ def _chance_recalls(c_to_a: torch.Tensor, n_a: int, ks=(1, 5, 10)) -> dict[str, 
 
 def evaluate(model: ConnectedSpaces, shared: tuple[torch.Tensor, torch.Tensor] | None = None,
              retrieval: RetrievalSet | None = None, classify: ClassifySet | None = None,
-             chunk_size: int = 8192, val: RetrievalSet | None = None, tau: float = 0.01) -> dict[str, float | str]:
+             chunk_size: int = 8192, val: RetrievalSet | None = None, tau: float = 0.01,
+             per_query: dict[str, torch.Tensor] | None = None) -> dict[str, float | str]:
     """A↔C retrieval R@1/5/10 and median rank, and classification accuracy, of the connected model, the pivot and
     soft pivot baselines (through the B items of ``shared`` = (B in X, B in Y), row-aligned; left out without it;
     the soft pivot's τ chosen on ``val``, else ``tau``) and chance, as ``connected/…``, ``pivot/…``,
-    ``soft_pivot/…``, ``chance/…`` keys."""
+    ``soft_pivot/…``, ``chance/…`` keys. ``per_query`` (when given) receives what the figures are means and medians
+    of, for intervals over queries: ``<method>/c2a`` and ``<method>/a2c`` ranks (0 = first) and
+    ``<method>/classify_hit`` (1 = the item's class ranked first), in the evaluation files' row order."""
     check_eval_dims((model.info["dim_x"], model.info["dim_y"]), retrieval, classify, val)
     out = {}
+    ranks: dict[str, dict[str, torch.Tensor]] = {}
     if retrieval is not None:
         r = retrieval
         a_emb, c_emb = model.embed(r.a, "x"), model.embed(r.c, "y")
-        out.update({f"connected/{k}": v for k, v in _recalls(a_emb, c_emb, r.c_to_a, chunk_size).items()})
+        c2a, a2c = _ranks(a_emb, c_emb, r.c_to_a, chunk_size)
+        ranks["connected"] = {"c2a": c2a, "a2c": a2c}
+        out.update({f"connected/{k}": v for k, v in _from_ranks(c2a, a2c).items()})
         out.update({f"chance/{k}": v for k, v in _chance_recalls(r.c_to_a, r.a.shape[0]).items()})
     b = {"x": shared[0], "y": shared[1]} if shared is not None else None
     if b is not None and (retrieval is not None or classify is not None):
@@ -196,19 +217,37 @@ def evaluate(model: ConnectedSpaces, shared: tuple[torch.Tensor, torch.Tensor] |
         else:
             out.update({"soft_pivot/tau": tau, "soft_pivot/tau_from": "default"})
     if retrieval is not None and b is not None:
-        pivot = _through_b(retrieval, lambda q, f, t: _pivot(q, b[f], b[t], chunk_size), chunk_size)
+        pivot = _through_b(retrieval, lambda q, f, t: _pivot(q, b[f], b[t], chunk_size), chunk_size,
+                           ranks.setdefault("pivot", {}))
         out.update({f"pivot/{k}": v for k, v in pivot.items()})
-        soft = _through_b(retrieval, lambda q, f, t: soft_pivot(q, b[f], b[t], tau), chunk_size)
+        soft = _through_b(retrieval, lambda q, f, t: soft_pivot(q, b[f], b[t], tau), chunk_size,
+                          ranks.setdefault("soft_pivot", {}))
         out.update({f"soft_pivot/{k}": v for k, v in soft.items()})
     if classify is not None:
         s = classify
         other = "y" if s.classes_space == "x" else "x"
-        classes, items = model.embed(s.classes, s.classes_space), model.embed(s.items, other)
-        out["connected/classify_acc"] = (items @ classes.T).argmax(1).eq(s.labels).float().mean().item()
+
+        def hits(name: str, items: torch.Tensor, classes: torch.Tensor) -> None:
+            hit = (items @ classes.T).argmax(1).eq(s.labels)
+            ranks.setdefault(name, {})["classify_hit"] = hit
+            out[f"{name}/classify_acc"] = hit.float().mean().item()
+
+        hits("connected", model.embed(s.items, other), model.embed(s.classes, s.classes_space))
         out["chance/classify_acc"] = 1.0 / s.classes.shape[0]
-        if b is not None:
-            items_there = _pivot(s.items, b[other], b[s.classes_space], chunk_size)  # item → nearest B → other space
-            out["pivot/classify_acc"] = (items_there @ s.classes.T).argmax(1).eq(s.labels).float().mean().item()
-            items_soft = soft_pivot(s.items, b[other], b[s.classes_space], tau)
-            out["soft_pivot/classify_acc"] = (items_soft @ s.classes.T).argmax(1).eq(s.labels).float().mean().item()
+        if b is not None:  # item → nearest B (or all B, softly) → the classes' space
+            hits("pivot", _pivot(s.items, b[other], b[s.classes_space], chunk_size), s.classes)
+            hits("soft_pivot", soft_pivot(s.items, b[other], b[s.classes_space], tau), s.classes)
+    if per_query is not None:
+        per_query.update({f"{m}/{k}": v.detach().cpu() for m, d in ranks.items() for k, v in d.items()})
     return out
+
+
+def save_per_query(path: Path, per_query: dict[str, torch.Tensor]) -> None:
+    """``per_query`` (see :func:`evaluate`) as one ``.npz`` file (keys ``method.what``), written atomically; nothing
+    when it is empty."""
+    def write(tmp: Path) -> None:
+        with tmp.open("wb") as f:
+            np.savez(f, **{k.replace("/", "."): v.numpy() for k, v in per_query.items()})
+
+    if per_query:
+        atomic_write(path, write)

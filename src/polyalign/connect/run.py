@@ -29,7 +29,7 @@ from polyalign.config.connect import ConnectConfig, load_connect_config
 from polyalign.config.tree import to_dict
 from polyalign.connect.data import load_inputs, load_shared
 from polyalign.connect.embeddings import Log
-from polyalign.connect.evaluate import check_eval_dims, evaluate, load_eval_sets, load_val_set
+from polyalign.connect.evaluate import check_eval_dims, evaluate, load_eval_sets, load_val_set, save_per_query
 from polyalign.connect.model import ConnectedSpaces
 from polyalign.connect.train import noise_stds, train_connection
 from polyalign.errors import ConfigError
@@ -46,7 +46,8 @@ def _changed_keys(saved: Path, cfg: ConnectConfig) -> list[str]:
 
 def run_connect(cfg: ConnectConfig, out_dir: str | Path, resume: bool = False, log: Log = print) -> dict[str, float]:
     """Load the files, train (``resume``: from ``out_dir``'s latest checkpoint), save the model to ``out_dir``,
-    evaluate; writes metrics.json, log.jsonl, loss.png and checkpoints/. A run directory is never overwritten."""
+    evaluate; writes metrics.json, ranks.npz (per-query ranks, see ``evaluate``), log.jsonl, loss.png and
+    checkpoints/. A run directory is never overwritten."""
     out = Path(out_dir)
     ckpt_dir = out / "checkpoints"
     notes: list[str] = []
@@ -80,8 +81,10 @@ def run_connect(cfg: ConnectConfig, out_dir: str | Path, resume: bool = False, l
     if last is not None:  # only now that the checkpoint fits cfg: a refused resume keeps the run's config.yaml
         save_config()
     model.save(out, cfg)
+    per_query: dict = {}
     metrics = evaluate(model.cpu(), (data.b_x, data.b_y), retrieval, classify, cfg.eval.chunk_size, val,
-                       cfg.method.tau_memory)
+                       cfg.method.tau_memory, per_query)
+    save_per_query(out / "ranks.npz", per_query)
     std_x, std_y = noise_stds(cfg.method, data.dims)
     n_mem = [0 if m is None else m.shape[0] for m in (data.memory_a, data.memory_c)]
     metrics.update({"train/seconds": load_state(ckpt_dir, find_checkpoint(ckpt_dir))["seconds"],  # all sessions'
@@ -104,7 +107,8 @@ def is_connect_run(run_dir: str | Path) -> bool:
 
 def evaluate_connect_run(run_dir: str | Path, overrides: list[str] = (), log: Log = print) -> dict[str, float]:
     """`polyalign eval` of a connect run: the saved model on the eval sets of its config.yaml (``eval.*`` overrides
-    point it at other files; ``inputs.b_x``/``inputs.b_y`` feed the pivot). Merged into metrics.json, kept atomic."""
+    point it at other files; ``inputs.b_x``/``inputs.b_y`` feed the pivot). Merged into metrics.json, kept atomic;
+    ranks.npz replaced."""
     run = Path(run_dir)
     bad = [o for o in overrides if not o.split("=", 1)[0].startswith(("eval.", "inputs."))]
     if bad:
@@ -116,8 +120,10 @@ def evaluate_connect_run(run_dir: str | Path, overrides: list[str] = (), log: Lo
         raise ConfigError(f"{run / 'config.yaml'} names no evaluation set: give eval.a_test + eval.c_test, or "
                           "eval.classes + eval.items + eval.labels")
     shared = load_shared(cfg.inputs, log) if cfg.inputs.b_x and cfg.inputs.b_y else None  # the pivots'; no memories
+    per_query: dict = {}
     metrics = evaluate(model, shared, retrieval, classify, cfg.eval.chunk_size, load_val_set(cfg.eval, log),
-                       cfg.method.tau_memory)
+                       cfg.method.tau_memory, per_query)
+    save_per_query(run / "ranks.npz", per_query)
     previous = run / "metrics.json"
     merged = {**(json.loads(previous.read_text()) if previous.exists() else {}), **metrics}
     write_json(previous, merged)

@@ -61,3 +61,35 @@ def hit_interval(key: str, hits, n_resamples: int, seed: int = 0) -> dict[str, f
     values, counts = resample_histogram(hits, n_resamples, seed, key)
     lo, hi = percentile_interval(counts @ values / hits.size)
     return {f"{key}_ci_low": lo, f"{key}_ci_high": hi}
+
+
+def seed_query_resamples(first, second, statistic, n_resamples: int = 2000, seed: int = 0,
+                         chunk: int = 250) -> tuple[float, np.ndarray]:
+    """Paired bootstrap over seeds *and* queries of ``statistic(first) − statistic(second)``.
+
+    ``first`` and ``second`` are (S, N) per-query values (ranks, hits) of two methods on the same N queries in each
+    of S seeds, row s of both from seed s. ``statistic`` maps a (..., N') array to its (...,) figure per row (a
+    recall: ``lambda r: (r < 10).mean(-1)``; a median rank). The figure of a method is the mean of its per-seed
+    figures. Each resample draws S seeds with replacement and, for each drawn seed, N queries with replacement; both
+    methods see the same draw (paired), so what the interval covers is the variation of the seeds and of the
+    queries. Returns (observed difference, (B,) resampled differences)."""
+    a, b = np.asarray(first), np.asarray(second)
+    if a.shape != b.shape or a.ndim != 2 or a.size == 0:
+        raise ValueError(f"seed_query_resamples: two (seeds, queries) arrays of one shape, got {a.shape}, {b.shape}")
+    n_seeds, n = a.shape
+    observed = float(np.mean(statistic(a)) - np.mean(statistic(b)))
+    rng = generator(seed, "seed_query")
+    out = []
+    for start in range(0, n_resamples, chunk):
+        m = min(chunk, n_resamples - start)
+        seeds = rng.integers(0, n_seeds, size=(m, n_seeds, 1))
+        queries = rng.integers(0, n, size=(m, n_seeds, n))
+        out.append(statistic(a[seeds, queries]).mean(-1) - statistic(b[seeds, queries]).mean(-1))
+    return observed, np.concatenate(out)
+
+
+def paired_difference(first, second, statistic, n_resamples: int = 2000, seed: int = 0,
+                      level: float = LEVEL) -> tuple[float, float, float]:
+    """(difference, low, high): :func:`seed_query_resamples`'s observed difference and its percentile interval."""
+    observed, samples = seed_query_resamples(first, second, statistic, n_resamples, seed)
+    return (observed, *percentile_interval(samples, level))
