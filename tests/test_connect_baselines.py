@@ -226,3 +226,36 @@ def test_seed_query_bootstrap_is_paired_and_covers_the_seeds():
     assert high - low == pytest.approx(2 * 1.96 * sd, rel=0.15)
     with pytest.raises(ValueError, match="one shape"):
         seed_query_resamples(ranks, ranks[:, :10], recall)
+
+
+def test_soft_pivot_tau_is_chosen_on_validation_items_to_classify(tmp_path):
+    data, test = synthetic(n_b=300, n_mem=10, n_test=60)
+    g = torch.Generator().manual_seed(2)
+    classes = unit(5, 32, seed=9)
+    val = ClassifySet(classes, test.c[:30], torch.randint(0, 5, (30,), generator=g), "x")
+    b = {"x": data.b_x, "y": data.b_y}
+    tau, acc = choose_tau(val, b)
+    ref = []
+    for t in TAU_GRID:  # brute force: each item → softmax over B in Y → X, nearest class
+        w = torch.softmax(val.items.double() @ data.b_y.double().T / t, dim=1)
+        ref.append(((w @ data.b_x.double()) @ classes.double().T).argmax(1).eq(val.labels).double().mean().item())
+    assert acc == pytest.approx(max(ref)) and tau == TAU_GRID[ref.index(max(ref))]
+    # from files: eval.items_val + eval.labels_val choose τ; the metrics say so
+    save_npy(tmp_path / "b_x.npy", data.b_x), save_npy(tmp_path / "b_y.npy", data.b_y)
+    save_npy(tmp_path / "classes.npy", classes, [f"c{k}" for k in range(5)])
+    for name, items, labels in (("items", test.c[30:], val.labels), ("items_val", val.items, val.labels)):
+        save_npy(tmp_path / f"{name}.npy", items)
+        (tmp_path / f"{name}.labels.txt").write_text("".join(f"c{k}\n" for k in labels.tolist()))
+    cfg = {"inputs": {"b_x": "b_x.npy", "b_y": "b_y.npy"}, "method": {"memories": False},
+           "eval": {"classes": "classes.npy", "items": "items.npy", "labels": "items.labels.txt",
+                    "items_val": "items_val.npy", "labels_val": "items_val.labels.txt"},
+           "train": {"batch_size": 100, "epochs": 1, "threads": 1, "log_every": 4}}
+    (tmp_path / "connect.yaml").write_text(yaml.safe_dump(cfg))
+    metrics = run_connect(load_connect_config(tmp_path / "connect.yaml"), tmp_path / "run", log=QUIET)
+    assert metrics["soft_pivot/tau"] == tau and metrics["soft_pivot/val_acc"] == pytest.approx(acc)
+    assert set(np.load(tmp_path / "run" / "ranks.npz").files) == {f"{m}.classify_hit" for m in
+                                                                  ("connected", "pivot", "soft_pivot")}
+    cfg["eval"].pop("labels_val")
+    (tmp_path / "half.yaml").write_text(yaml.safe_dump(cfg))
+    with pytest.raises(ConfigError, match="both eval.items_val and eval.labels_val"):
+        load_connect_config(tmp_path / "half.yaml")

@@ -82,6 +82,8 @@ class ConnectEval:
     classes_space: str = "x"  # x: classes are A-side (e.g. text prompts), items are C in Y; y: the reverse
     items: str = ""  # items to classify, in the other space
     labels: str = ""  # one class name per item row
+    items_val: str = ""  # validation items + labels (eval.items' format, the same classes), only to choose the
+    labels_val: str = ""  # soft pivot's τ by accuracy when there are no validation pairs (a_val, c_val)
     chunk_size: int = 8192
 
 
@@ -98,7 +100,8 @@ CONNECT_CHOICES = {"method.mode": ("cmcr", "anchor_x"), "method.projector": PROJ
                    "method.memory_precision": ("fp32", "bf16"), "eval.classes_space": ("x", "y"),
                    "train.device": ("cpu", "cuda", "auto")}
 PATH_KEYS = ("inputs.b_x", "inputs.b_y", "inputs.memory_a", "inputs.memory_c", "eval.a_test", "eval.c_test",
-             "eval.a_val", "eval.c_val", "eval.classes", "eval.items", "eval.labels")
+             "eval.a_val", "eval.c_val", "eval.classes", "eval.items", "eval.labels",
+             "eval.items_val", "eval.labels_val")
 # keys and values that were replaced: a config still using one fails with what to write instead
 REMOVED_KEYS = {"method.semantic_consistency": "method.semantic_consistency was replaced by method.pseudo_pairs "
                 "(soft | nearest | random): true → soft; false meant random memory rows, now pseudo_pairs=random "
@@ -160,6 +163,13 @@ def validate_connect(cfg: ConnectConfig) -> None:
         raise ConfigError("retrieval evaluation needs both eval.a_test and eval.c_test (or neither)")
     if bool(cfg.eval.a_val) != bool(cfg.eval.c_val):
         raise ConfigError("the soft pivot's validation pairs need both eval.a_val and eval.c_val (or neither)")
+    if bool(cfg.eval.items_val) != bool(cfg.eval.labels_val):
+        raise ConfigError("the soft pivot's validation items need both eval.items_val and eval.labels_val (or neither)")
+    if cfg.eval.items_val and not cfg.eval.classes:
+        raise ConfigError("eval.items_val are classified against eval.classes: give eval.classes, items and labels")
+    if cfg.eval.items_val and cfg.eval.a_val:
+        raise ConfigError("give the soft pivot one validation set: eval.a_val + c_val (pairs) or eval.items_val + "
+                          "labels_val (classification), not both")
     given = [k for k in ("eval.classes", "eval.items", "eval.labels") if get_key(cfg, k)]
     if given and len(given) != 3:
         raise ConfigError(f"classification needs eval.classes, eval.items and eval.labels; only {', '.join(given)} set")

@@ -4,7 +4,9 @@ no projector and chance, as ``connected/…``, ``pivot/…``, ``soft_pivot/…``
 ``pivot/…``: a query becomes the other-space embedding of its nearest shared (B) item. ``soft_pivot/…``: of all B
 items, weighted by ``softmax(sim / τ)`` in the query's space (:func:`soft_pivot`); ``soft_pivot/tau`` is τ, chosen
 from ``TAU_GRID`` by the mean R@1 of both directions on the validation pairs (eval.a_val, eval.c_val;
-``soft_pivot/tau_from: val``), else method.tau_memory (``tau_from: default``); ``soft_pivot/val_R@1`` is that mean.
+``soft_pivot/val_R@1`` is that mean) or by the accuracy on validation items to classify (eval.items_val,
+eval.labels_val; ``soft_pivot/val_acc``), with ``soft_pivot/tau_from: val``; else method.tau_memory
+(``tau_from: default``).
 """
 from __future__ import annotations
 
@@ -48,10 +50,10 @@ class ClassifySet:
 TAU_GRID = (0.003, 0.01, 0.03, 0.1, 0.3)  # the soft pivot's τ candidates, chosen on the validation pairs
 
 
-def _read_labels(path: str) -> list[str]:
+def _read_labels(path: str, key: str = "eval.labels") -> list[str]:
     p = Path(path)
     if not p.is_file():
-        raise DataError(f"eval.labels: file not found: {p}")
+        raise DataError(f"{key}: file not found: {p}")
     if p.suffix == ".json":
         return [str(x) for x in json.loads(p.read_text())]
     return [line.strip() for line in p.read_text().splitlines() if line.strip()]
@@ -77,36 +79,47 @@ def _load_pairs(a_path: str, c_path: str, split: str, log: Log) -> RetrievalSet:
     return RetrievalSet(a.vectors, c.vectors, c_to_a)
 
 
-def load_val_set(cfg: ConnectEval, log: Log = print) -> RetrievalSet | None:
-    """The validation pairs (eval.a_val, eval.c_val) that choose the soft pivot's τ; None when not given."""
-    return _load_pairs(cfg.a_val, cfg.c_val, "val", log) if cfg.a_val else None
+def _load_classify(cfg: ConnectEval, items_path: str, labels_path: str, log: Log, items_key: str = "eval.items",
+                   labels_key: str = "eval.labels") -> ClassifySet:
+    classes = read_embeddings(cfg.classes, "eval.classes", log)
+    items = read_embeddings(items_path, items_key, log)
+    if classes.ids is None:
+        raise DataError("eval.classes needs ids: the class names (NAME.ids.txt next to it)")
+    labels, pos = _read_labels(labels_path, labels_key), {name: k for k, name in enumerate(classes.ids)}
+    if len(labels) != items.vectors.shape[0]:
+        raise DataError(f"{labels_key} has {len(labels)} labels for {items.vectors.shape[0]} items")
+    if unknown := sorted({lab for lab in labels if lab not in pos}):
+        raise DataError(f"{labels_key}: {len(unknown)} class names not among eval.classes' ids, e.g. {unknown[:3]}")
+    return ClassifySet(classes.vectors, items.vectors, torch.tensor([pos[lab] for lab in labels]), cfg.classes_space)
+
+
+def load_val_set(cfg: ConnectEval, log: Log = print) -> RetrievalSet | ClassifySet | None:
+    """The validation set that chooses the soft pivot's τ: pairs (eval.a_val, eval.c_val) or items to classify
+    (eval.items_val, eval.labels_val); None when neither is given."""
+    if cfg.a_val:
+        return _load_pairs(cfg.a_val, cfg.c_val, "val", log)
+    if cfg.items_val:
+        return _load_classify(cfg, cfg.items_val, cfg.labels_val, log, "eval.items_val", "eval.labels_val")
+    return None
 
 
 def load_eval_sets(cfg: ConnectEval, log: Log = print) -> tuple[RetrievalSet | None, ClassifySet | None]:
     """The evaluation files named in ``cfg`` (each part optional)."""
     retrieval = _load_pairs(cfg.a_test, cfg.c_test, "test", log) if cfg.a_test else None
-    classify = None
-    if cfg.classes:
-        classes = read_embeddings(cfg.classes, "eval.classes", log)
-        items = read_embeddings(cfg.items, "eval.items", log)
-        if classes.ids is None:
-            raise DataError("eval.classes needs ids: the class names (NAME.ids.txt next to it)")
-        labels, pos = _read_labels(cfg.labels), {name: k for k, name in enumerate(classes.ids)}
-        if len(labels) != items.vectors.shape[0]:
-            raise DataError(f"eval.labels has {len(labels)} labels for {items.vectors.shape[0]} items")
-        if unknown := sorted({lab for lab in labels if lab not in pos}):
-            raise DataError(f"eval.labels: {len(unknown)} class names not among eval.classes' ids, e.g. {unknown[:3]}")
-        classify = ClassifySet(classes.vectors, items.vectors, torch.tensor([pos[lab] for lab in labels]),
-                               cfg.classes_space)
+    classify = _load_classify(cfg, cfg.items, cfg.labels, log) if cfg.classes else None
     return retrieval, classify
 
 
 def check_eval_dims(dims: tuple[int, int], retrieval: RetrievalSet | None, classify: ClassifySet | None,
-                    val: RetrievalSet | None = None) -> None:
+                    val: RetrievalSet | ClassifySet | None = None) -> None:
     """A ``DataError`` naming every evaluation file whose dimension is not its space's."""
     dx, dy = dims
     dim = {"x": dx, "y": dy}
     found = {}
+    if isinstance(val, ClassifySet):
+        other = "y" if val.classes_space == "x" else "x"
+        found[f"eval.items_val ({other.upper()})"] = (val.items.shape[1], dim[other])
+        val = None
     for split, pairs in (("test", retrieval), ("val", val)):
         if pairs is not None:
             found.update({f"eval.a_{split} (X)": (pairs.a.shape[1], dx), f"eval.c_{split} (Y)": (pairs.c.shape[1], dy)})
@@ -140,12 +153,22 @@ def _through_b(r: RetrievalSet, to_other, chunk: int, ranks: dict | None = None)
     return _from_ranks(c2a, a2c)
 
 
-def choose_tau(val: RetrievalSet, b: dict[str, torch.Tensor], chunk: int = 8192,
+def _soft_accuracy(s: ClassifySet, b: dict[str, torch.Tensor], tau: float) -> float:
+    """Classification accuracy of the soft pivot: each item → softmax over B in its space → the classes' space."""
+    other = "y" if s.classes_space == "x" else "x"
+    items = soft_pivot(s.items, b[other], b[s.classes_space], tau)
+    return (items @ s.classes.T).argmax(1).eq(s.labels).float().mean().item()
+
+
+def choose_tau(val: RetrievalSet | ClassifySet, b: dict[str, torch.Tensor], chunk: int = 8192,
                grid=TAU_GRID) -> tuple[float, float]:
-    """The soft pivot's τ of ``grid`` with the best mean R@1 of both directions on ``val`` (the first on a tie), and
-    that mean."""
+    """The soft pivot's τ of ``grid`` with the best score on ``val`` (the first on a tie), and that score: the mean
+    R@1 of both directions on validation pairs, the accuracy on validation items to classify."""
     scores = []
     for tau in grid:
+        if isinstance(val, ClassifySet):
+            scores.append(_soft_accuracy(val, b, tau))
+            continue
         m = _through_b(val, lambda q, f, t, tau=tau: soft_pivot(q, b[f], b[t], tau), chunk)
         scores.append((m["a2c_R@1"] + m["c2a_R@1"]) / 2)
     best = max(range(len(grid)), key=lambda i: (scores[i], -i))
@@ -191,7 +214,7 @@ def _chance_recalls(c_to_a: torch.Tensor, n_a: int, ks=(1, 5, 10)) -> dict[str, 
 
 def evaluate(model: ConnectedSpaces, shared: tuple[torch.Tensor, torch.Tensor] | None = None,
              retrieval: RetrievalSet | None = None, classify: ClassifySet | None = None,
-             chunk_size: int = 8192, val: RetrievalSet | None = None, tau: float = 0.01,
+             chunk_size: int = 8192, val: RetrievalSet | ClassifySet | None = None, tau: float = 0.01,
              per_query: dict[str, torch.Tensor] | None = None) -> dict[str, float | str]:
     """A↔C retrieval R@1/5/10 and median rank, and classification accuracy, of the connected model, the pivot and
     soft pivot baselines (through the B items of ``shared`` = (B in X, B in Y), row-aligned; left out without it;
@@ -212,8 +235,9 @@ def evaluate(model: ConnectedSpaces, shared: tuple[torch.Tensor, torch.Tensor] |
     b = {"x": shared[0], "y": shared[1]} if shared is not None else None
     if b is not None and (retrieval is not None or classify is not None):
         if val is not None:
-            tau, val_r1 = choose_tau(val, b, chunk_size)
-            out.update({"soft_pivot/tau": tau, "soft_pivot/tau_from": "val", "soft_pivot/val_R@1": val_r1})
+            tau, score = choose_tau(val, b, chunk_size)
+            name = "soft_pivot/val_acc" if isinstance(val, ClassifySet) else "soft_pivot/val_R@1"
+            out.update({"soft_pivot/tau": tau, "soft_pivot/tau_from": "val", name: score})
         else:
             out.update({"soft_pivot/tau": tau, "soft_pivot/tau_from": "default"})
     if retrieval is not None and b is not None:
