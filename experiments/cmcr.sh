@@ -2,21 +2,23 @@
 # C-MCR experiments of docs/cmcr.md, end to end from built data:
 #   polyalign data emoji --out data/emoji --styles google,twitter      # once (the emoji part needs it)
 #   bash experiments/cmcr.sh [emoji|emoji-shared|emoji-style|shapes|3d]  # default: emoji, shapes, 3d
-# Each part trains its two contrastive spaces (one seed), exports their embeddings with `polyalign embed`,
-# and runs `polyalign connect` for the full method, the ablations and baselines ($ROWS), the anchor_x mode and the
-# paired upper bound, each with seeds 0,1,2 (train.seed of the projectors). No (A, C) pair is used by any row except
+# Each part trains its two contrastive spaces, exports their embeddings with `polyalign embed`, and runs
+# `polyalign connect` for the full method, the ablations and baselines ($ROWS), the anchor_x mode and the paired
+# upper bound. Emoji parts: one seed of each space, projector seeds $SEEDS. Shapes and 3d: for each s of $SPACE_SEEDS,
+# X and Y trained with train.seed=s and connected with projector seed s (POINTCLIP=1 adds 3d's point–text sweep). No (A, C) pair is used by any row except
 # "paired". Rows: full; nearest_pairs (no semantic consistency: each pseudo pair is the nearest memory row);
 # random_pairs (the harmful ablation: a random memory row); no_noise; noise_dim (σ² · 512 / d per space); no_intra;
 # no_memories (B pairs only, the native InfoNCE); anchor_x (X fixed, Y mapped into X; inspired by Ex-MCR, not its
 # released recipe). The pivot and soft pivot baselines are in every run's metrics.json.
-# Wall times go to $OUT/wall_times.tsv; tables: python experiments/cmcr_table.py $OUT/<part>/connect retrieval
+# Wall times go to $OUT/wall_times.tsv; tables: python experiments/cmcr_report.py $OUT/<part>/connect retrieval|classify
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source experiments/cmcr_rows.sh
 PA=${POLYALIGN:-polyalign}
 PY=${PYTHON:-python}
 OUT=${OUT:-runs/cmcr}
-SEEDS=${SEEDS:-"0 1 2"}
+SEEDS=${SEEDS:-"0 1 2"}              # projector seeds of the emoji parts (one seed of each space)
+SPACE_SEEDS=${SPACE_SEEDS:-"0 1 2"}  # shapes, 3d: seeds of both spaces (projector seed = space seed)
 ROWS=${ROWS:-"full nearest_pairs random_pairs no_noise noise_dim no_intra no_memories anchor_x"}
 mkdir -p "$OUT"
 
@@ -157,52 +159,93 @@ emoji_style() {  # seen concepts, unseen samples (the emoji style split): the pa
   "$PY" experiments/cmcr_table.py "$d/connect" retrieval | tee "$d/table.md"
 }
 
-shapes() {
-  local d=$OUT/shapes e=$OUT/shapes/emb
-  mkdir -p "$e"
-  train_once "shapes X (CLIP)" configs/cmcr/shapes-x-clip.yaml "$d/x"   # scenes of seed 0
-  train_once "shapes Y (CLAP)" configs/cmcr/shapes-y-clap.yaml "$d/y"   # sounds of other scenes (seed 1)
-  # shared modality = text: the captions of X's training scenes, in both spaces (Y reads them with data.seed=0)
-  "$PA" embed "$d/x" --modality text --split train --out "$e/text_x"
-  "$PA" embed "$d/y" data.seed=0 --modality text --split train --out "$e/text_y"
-  "$PA" embed "$d/x" --modality image --split train --out "$e/memory_image_x"
-  "$PA" embed "$d/y" --modality audio --split train --out "$e/memory_audio_y"
-  # test: pictures (X) and sounds (Y) of the same 1,000 test scenes (seed 0), paired by index
-  "$PA" embed "$d/x" --modality image --split test --out "$e/test_image_x"
-  "$PA" embed "$d/y" data.seed=0 --modality audio --split test --out "$e/test_audio_y"
-  # paired upper bound only: pictures (X) and sounds (Y) of Y's training scenes (seed 1)
-  "$PA" embed "$d/x" data.seed=1 --modality image --split train --out "$e/pair_image_x"
-  audio_connect_yaml "$d" shapes 1024 15
-  connect_rows "$d" "$d/connect.yaml"
-  paired_rows "$d" "$e"  # upper bound on 10,000 real (picture, sound) pairs of Y's scenes
-  "$PY" experiments/cmcr_table.py "$d/connect" retrieval | tee "$d/table.md"
+seed_rows() {  # seed_rows PART_DIR SEED: every row of $ROWS for the spaces of SEED (projector seed = SEED)
+  local d=$1 s=$2 row
+  for row in $ROWS; do
+    row_overrides "$row"
+    connect_once "$d/connect/$row/seed-$s" "$d/seed-$s/connect.yaml" "${extra[@]}" train.seed="$s"
+  done
 }
 
-three_d() {
-  local d=$OUT/3d e=$OUT/3d/emb
+shapes() {  # for each seed s of $SPACE_SEEDS: X and Y trained with train.seed=s, connected with projector seed s
+  local d=$OUT/shapes s
+  for s in $SPACE_SEEDS; do
+    shapes_spaces "$s"
+    seed_rows "$d" "$s"
+    # the paired upper bound: the native InfoNCE on 10,000 real (picture, sound) pairs of Y's training scenes
+    local e && e=$(realpath "$d/seed-$s/emb")
+    connect_once "$d/connect/paired/seed-$s" "$d/seed-$s/connect.yaml" inputs.b_x="$e/pair_image_x.npy" \
+      inputs.b_y="$e/memory_audio_y.npy" inputs.memory_a="$e/pair_image_x.npy" inputs.memory_c="$e/memory_audio_y.npy" \
+      train.seed="$s"
+  done
+  "$PY" experiments/cmcr_report.py "$d/connect" retrieval | tee "$d/table.md"
+}
+
+shapes_spaces() {  # shapes_spaces SEED: the two spaces of SEED, their embeddings, seed-SEED/connect.yaml
+  local s=$1 d=$OUT/shapes x=$OUT/shapes/x-seed$1 y=$OUT/shapes/y-seed$1 e=$OUT/shapes/seed-$1/emb
+  train_once "shapes X (CLIP) seed $s" configs/cmcr/shapes-x-clip.yaml "$x" train.seed="$s"  # scenes of seed 0
+  train_once "shapes Y (CLAP) seed $s" configs/cmcr/shapes-y-clap.yaml "$y" train.seed="$s"  # other scenes (seed 1)
+  [[ -f $d/seed-$s/connect.yaml ]] && return 0
   mkdir -p "$e"
-  train_once "3D X (CLIP)" configs/cmcr/3d-x-clip.yaml "$d/x"    # renders + captions of objects of seed 0
-  train_once "3D Y (ULIP)" configs/cmcr/3d-y-ulip.yaml "$d/y"    # point clouds + renders of other objects (seed 1)
+  # shared modality = text: the captions of X's training scenes, in both spaces (Y reads them with data.seed=0)
+  "$PA" embed "$x" --modality text --split train --out "$e/text_x"
+  "$PA" embed "$y" data.seed=0 --modality text --split train --out "$e/text_y"
+  "$PA" embed "$x" --modality image --split train --out "$e/memory_image_x"
+  "$PA" embed "$y" --modality audio --split train --out "$e/memory_audio_y"
+  # test: pictures (X) and sounds (Y) of the same 1,000 test scenes (seed 0), paired by index; val (the soft
+  # pivot's τ only): 1,000 scenes of content seed 2, which neither space saw
+  "$PA" embed "$x" --modality image --split test --out "$e/test_image_x"
+  "$PA" embed "$y" data.seed=0 --modality audio --split test --out "$e/test_audio_y"
+  "$PA" embed "$x" data.seed=2 --modality image --split test --out "$e/val_image_x"
+  "$PA" embed "$y" data.seed=2 --modality audio --split test --out "$e/val_audio_y"
+  # paired upper bound only: pictures (X) of Y's training scenes (seed 1), row-aligned with memory_audio_y
+  "$PA" embed "$x" data.seed=1 --modality image --split train --out "$e/pair_image_x"
+  cat > "$d/seed-$s/connect.yaml" <<EOF
+# shapes, spaces of seed $s: X = image–text ($x), Y = audio–text ($y); audio → image through text
+inputs: {b_x: emb/text_x.npy, b_y: emb/text_y.npy, memory_a: emb/memory_image_x.npy, memory_c: emb/memory_audio_y.npy}
+eval: {a_test: emb/test_image_x.npy, c_test: emb/test_audio_y.npy, a_val: emb/val_image_x.npy, c_val: emb/val_audio_y.npy}
+method: {projector: mlp}
+train: {batch_size: 1024, epochs: 15, log_every: 200, threads: 1}
+EOF
+}
+
+three_d() {  # for each seed s of $SPACE_SEEDS: X and Y trained with train.seed=s, connected with projector seed s
+  local d=$OUT/3d s
+  for s in $SPACE_SEEDS; do
+    three_d_spaces "$s"
+    seed_rows "$d" "$s"
+  done
+  # upper bound with real (text, 3D) pairs: a point cloud–text model trained end to end, zero-shot from prompts
+  [[ -z ${POINTCLIP:-} || -f "$d/pointclip/summary.json" ]] || timed "3D paired point–text sweep" "$PA" sweep \
+    configs/shapes3d-pointclip.yaml data.seed=1 train.threads=1 --seeds "$(echo $SPACE_SEEDS | tr ' ' ,)" \
+    --out "$d/pointclip"
+  "$PY" experiments/cmcr_report.py "$d/connect" classify | tee "$d/table.md"
+}
+
+three_d_spaces() {  # three_d_spaces SEED: the two spaces of SEED, their embeddings, seed-SEED/connect.yaml
+  local s=$1 d=$OUT/3d x=$OUT/3d/x-seed$1 y=$OUT/3d/y-seed$1 e=$OUT/3d/seed-$1/emb
+  train_once "3D X (CLIP) seed $s" configs/cmcr/3d-x-clip.yaml "$x" train.seed="$s"  # renders + captions, seed 0
+  train_once "3D Y (ULIP) seed $s" configs/cmcr/3d-y-ulip.yaml "$y" train.seed="$s"  # points + renders, seed 1
+  [[ -f $d/seed-$s/connect.yaml ]] && return 0
+  mkdir -p "$e"
   # shared modality = images: the renders of X's training objects, in both spaces (Y reads them with data.seed=0)
-  "$PA" embed "$d/x" --modality image --split train --out "$e/image_x"
-  "$PA" embed "$d/y" data.seed=0 --modality image --split train --out "$e/image_y"
-  "$PA" embed "$d/x" --modality text --split train --out "$e/memory_text_x"
-  "$PA" embed "$d/y" --modality points --split train --out "$e/memory_points_y"
-  # test: zero-shot classes from X's text prompts; Y's held-out point clouds
-  "$PA" embed "$d/x" --modality text --classes shape --split test --out "$e/classes_x"
-  "$PA" embed "$d/y" --modality points --split test --label-field shape --out "$e/test_points_y"
-  cat > "$d/connect.yaml" <<EOF
-# 3D: X = image–text (A = text, B = image), Y = points–image (C = points); zero-shot 3D classification through images
+  "$PA" embed "$x" --modality image --split train --out "$e/image_x"
+  "$PA" embed "$y" data.seed=0 --modality image --split train --out "$e/image_y"
+  "$PA" embed "$x" --modality text --split train --out "$e/memory_text_x"
+  "$PA" embed "$y" --modality points --split train --out "$e/memory_points_y"
+  # test: zero-shot classes from X's text prompts; Y's held-out point clouds; val (the soft pivot's τ only): the
+  # point clouds of 1,000 objects of content seed 2
+  "$PA" embed "$x" --modality text --classes shape --split test --out "$e/classes_x"
+  "$PA" embed "$y" --modality points --split test --label-field shape --out "$e/test_points_y"
+  "$PA" embed "$y" data.seed=2 --modality points --split test --label-field shape --out "$e/val_points_y"
+  cat > "$d/seed-$s/connect.yaml" <<EOF
+# 3D, spaces of seed $s: X = image–text ($x; A = text, B = image), Y = points–image ($y; C = points)
 inputs: {b_x: emb/image_x.npy, b_y: emb/image_y.npy, memory_a: emb/memory_text_x.npy, memory_c: emb/memory_points_y.npy}
-eval: {classes: emb/classes_x.npy, classes_space: x, items: emb/test_points_y.npy, labels: emb/test_points_y.labels.txt}
+eval: {classes: emb/classes_x.npy, classes_space: x, items: emb/test_points_y.npy, labels: emb/test_points_y.labels.txt,
+       items_val: emb/val_points_y.npy, labels_val: emb/val_points_y.labels.txt}
 method: {projector: linear}
 train: {batch_size: 1000, epochs: 50, log_every: 100, threads: 1}
 EOF
-  connect_rows "$d" "$d/connect.yaml"
-  # upper bound with real (text, 3D) pairs: a point cloud–text model trained end to end, zero-shot from prompts
-  [[ -f "$d/pointclip/summary.json" ]] || timed "3D paired point–text sweep" "$PA" sweep \
-    configs/shapes3d-pointclip.yaml data.seed=1 train.threads=1 --seeds "$(echo $SEEDS | tr ' ' ,)" --out "$d/pointclip"
-  "$PY" experiments/cmcr_table.py "$d/connect" classify | tee "$d/table.md"
 }
 
 for part in "${@:-emoji shapes 3d}"; do
