@@ -91,8 +91,8 @@ def statistic(key: str):
     direction, what = key.split("_", 1)
     if key == "classify_acc":
         return "classify_hit", lambda v: v.mean(-1)
-    if what == "MdR":
-        return direction, lambda r: np.median(r, -1) + 1
+    if what == "MdR":  # the lower median, as connect's metrics (torch.median)
+        return direction, lambda r: np.partition(r, (r.shape[-1] - 1) // 2, -1)[..., (r.shape[-1] - 1) // 2] + 1
     k = int(what.split("@")[1])
     return direction, lambda r: (r < k).mean(-1)
 
