@@ -91,7 +91,7 @@ emoji() {
     data/emoji/cmcr_test.jsonl $sp/cmcr_test/speech.jsonl data/emoji/cmcr_y_pairs.jsonl
   connect_rows "$d" "$d/connect.yaml"
   paired_rows "$d" "$e"  # upper bound on 6,018 real (picture, spoken caption) pairs
-  "$PY" experiments/cmcr_table.py "$d/connect" retrieval | tee "$d/table.md"
+  "$PY" experiments/cmcr_report.py "$d/connect" retrieval | tee "$d/table.md"
 }
 
 emoji_spaces() {  # emoji_spaces DIR NAME TEXTS PICTURES CLIPS TEST_PICTURES TEST_CLIPS [PAIRS]: DIR/emb + DIR/connect.yaml
@@ -127,7 +127,7 @@ emoji_shared() {  # the shared-concepts design: both spaces know every training 
     $sp/train/speech.jsonl data/emoji/cmcr_test.jsonl $sp/cmcr_test/speech.jsonl data/emoji/cmcr_shared_pairs.jsonl
   connect_rows "$d" "$d/connect.yaml"
   paired_rows "$d" "$d/emb"  # upper bound on the real (picture, spoken caption) pairs of every training concept
-  "$PY" experiments/cmcr_table.py "$d/connect" retrieval | tee "$d/table.md"
+  "$PY" experiments/cmcr_report.py "$d/connect" retrieval | tee "$d/table.md"
   # the spaces' own seeds: X and Y retrained with train.seed=1, 2, each pair connected once (projector seed = the same)
   for seed in 1 2; do
     train_once "emoji-shared X seed $seed" configs/emoji-concept-lit.yaml "$d/x-seed$seed" train.seed=$seed
@@ -156,7 +156,7 @@ emoji_style() {  # seen concepts, unseen samples (the emoji style split): the pa
     data/emoji/cmcr_style_pairs.jsonl
   connect_rows "$d" "$d/connect.yaml"
   paired_rows "$d" "$d/emb"
-  "$PY" experiments/cmcr_table.py "$d/connect" retrieval | tee "$d/table.md"
+  "$PY" experiments/cmcr_report.py "$d/connect" retrieval | tee "$d/table.md"
 }
 
 seed_rows() {  # seed_rows PART_DIR SEED: every row of $ROWS for the spaces of SEED (projector seed = SEED)

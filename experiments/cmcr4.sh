@@ -85,7 +85,7 @@ train: {batch_size: 512, epochs: 50, log_every: 200, threads: 1, seed: $s}
 EOF
 }
 
-rows() {  # rows SEED: OUT/connect/<row>/seed-SEED (the layout of experiments/cmcr_table.py)
+rows() {  # rows SEED: OUT/connect/<row>/seed-SEED (the layout of experiments/cmcr_report.py)
   local s=$1 row extra out
   for row in ${ROWS:-full no_memories nearest_pairs noise_dim random_pairs no_noise no_intra anchor_x}; do
     row_overrides "$row"

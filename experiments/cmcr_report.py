@@ -74,7 +74,8 @@ def load(root: Path) -> dict[str, dict[int, dict]]:
                 "metrics": {k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith(method + "/")},
                 "ranks": None if ranks is None or method == "chance" else
                 {k.split(".", 1)[1]: v for k, v in ranks.items() if k.startswith(method + ".")},
-                "tau": metrics.get("soft_pivot/tau")}
+                "tau": metrics.get("soft_pivot/tau"),
+                "seconds": metrics.get("train/seconds") if method == "connected" else None}
     return out
 
 
@@ -114,10 +115,12 @@ def tables(runs: dict, kind: str, vs: list[str], resamples: int) -> str:
     keys = KEYS[kind]
     rows = [r for r in ("chance", "pivot", "soft_pivot") if r in runs] + ordered(
         r for r in runs if r not in ("chance", "pivot", "soft_pivot"))
-    lines = ["| row | seeds | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
+    lines = ["| row | seeds | " + " | ".join(keys) + " | train s |", "|---|---|" + "---|" * (len(keys) + 1)]
     for r in rows:
         cells = [mean_std([m["metrics"].get(k) for m in runs[r].values()], 1 if k.endswith("MdR") else 3)
                  for k in keys]
+        seconds = [m["seconds"] for m in runs[r].values() if m["seconds"] is not None]
+        cells.append(f"{statistics.mean(seconds):.0f}" if seconds else "–")
         lines.append(f"| {row_name(r)} | {len(runs[r])} | " + " | ".join(cells) + " |")
     if "soft_pivot" in runs:
         taus = [runs["soft_pivot"][s]["tau"] for s in sorted(runs["soft_pivot"])]
