@@ -79,10 +79,11 @@ def load(root: Path) -> dict[str, dict[int, dict]]:
     return out
 
 
-def mean_std(values: list, digits: int) -> str:
+def mean_std(values: list, digits: int, exact: bool = False) -> str:
+    """Mean ± sample std; one value alone, or the value of a figure that is the same by construction (``exact``)."""
     if not values or any(v is None for v in values):
         return "–"
-    if len(values) == 1 or max(values) == min(values):
+    if len(values) == 1 or exact:
         return f"{values[0]:.{digits}f}"
     return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
@@ -117,8 +118,8 @@ def tables(runs: dict, kind: str, vs: list[str], resamples: int) -> str:
         r for r in runs if r not in ("chance", "pivot", "soft_pivot"))
     lines = ["| row | seeds | " + " | ".join(keys) + " | train s |", "|---|---|" + "---|" * (len(keys) + 1)]
     for r in rows:
-        cells = [mean_std([m["metrics"].get(k) for m in runs[r].values()], 1 if k.endswith("MdR") else 3)
-                 for k in keys]
+        cells = [mean_std([m["metrics"].get(k) for m in runs[r].values()], 1 if k.endswith("MdR") else 3,
+                          exact=r == "chance") for k in keys]
         seconds = [m["seconds"] for m in runs[r].values() if m["seconds"] is not None]
         cells.append(f"{statistics.mean(seconds):.0f}" if seconds else "–")
         lines.append(f"| {row_name(r)} | {len(runs[r])} | " + " | ".join(cells) + " |")
