@@ -1,7 +1,7 @@
 """Tables (and the memory-size plot) of C-MCR connect runs, with paired 95% intervals over seeds and queries.
 
     python experiments/cmcr_report.py ROOT retrieval [--vs soft_pivot,no_memories] [--plot PNG] [--full-size N]
-    python experiments/cmcr_report.py ROOT classify  [--vs soft_pivot,pivot]
+    python experiments/cmcr_report.py ROOT classify  [--vs soft_pivot,pivot] [--pairs ROW:BASELINE,...]
 
 ROOT/<row>/seed-<s>/ holds one connect run (metrics.json, ranks.npz); seed s = the seed of both spaces and of the
 projectors in the independent-spaces designs. The hard pivot, the soft pivot and chance come from each seed's
@@ -112,7 +112,7 @@ def difference(first: dict[int, dict], second: dict[int, dict], key: str, digits
     return f"{diff:+.{digits}f} [{low:+.{digits}f}, {high:+.{digits}f}]{mark}"
 
 
-def tables(runs: dict, kind: str, vs: list[str], resamples: int) -> str:
+def tables(runs: dict, kind: str, vs: list[str], resamples: int, pairs: list[tuple[str, str]] = ()) -> str:
     keys = KEYS[kind]
     rows = [r for r in ("chance", "pivot", "soft_pivot") if r in runs] + ordered(
         r for r in runs if r not in ("chance", "pivot", "soft_pivot"))
@@ -130,14 +130,12 @@ def tables(runs: dict, kind: str, vs: list[str], resamples: int) -> str:
     lines += ["", f"Paired differences (row − baseline), seed-averaged, [95% bootstrap interval over seeds and "
               f"queries, {resamples} resamples]; * = excludes 0; MdR: lower is better.", "",
               "| row | vs | " + " | ".join(dkeys) + " |", "|---|---|" + "---|" * len(dkeys)]
-    for base in vs:
-        if base not in runs:
+    pairs = list(pairs) or [(r, base) for base in vs for r in rows if r not in (base, "chance")]
+    for r, base in pairs:
+        if r not in runs or base not in runs:
             continue
-        for r in rows:
-            if r in (base, "chance") or r not in runs:
-                continue
-            cells = [difference(runs[r], runs[base], k, 1 if k.endswith("MdR") else 3, resamples) for k in dkeys]
-            lines.append(f"| {row_name(r)} | {row_name(base)} | " + " | ".join(cells) + " |")
+        cells = [difference(runs[r], runs[base], k, 1 if k.endswith("MdR") else 3, resamples) for k in dkeys]
+        lines.append(f"| {row_name(r)} | {row_name(base)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -166,11 +164,13 @@ def plot(runs: dict, path: Path, full_size: int, note: str) -> None:
         ax.set_xticks(xs, [size_label(x) for x in xs])
         ax.minorticks_off()
         ax.margins(y=0.15)
-        ax.set_xlabel("memory items" + (f" ({note})" if note else ""), fontsize=8)
+        ax.set_xlabel("memory items per space", fontsize=8)
         ax.set_title(label, fontsize=9)
     axes[0].legend(fontsize=7)
     fig.suptitle(f"C-MCR against memory size, mean ± std over {len(runs['full'])} seeds of both spaces", fontsize=9)
-    fig.tight_layout()
+    if note:
+        fig.text(0.5, 0.015, note, ha="center", fontsize=7.5)
+    fig.tight_layout(rect=(0, 0.05 if note else 0, 1, 1))
     fig.savefig(path, dpi=110)
 
 
@@ -179,17 +179,21 @@ def main() -> None:
     ap.add_argument("root", type=Path)
     ap.add_argument("kind", choices=sorted(KEYS))
     ap.add_argument("--vs", default="soft_pivot,no_memories", help="baseline rows of the differences table")
+    ap.add_argument("--pairs", default="", help="ROW:BASELINE,... : only these differences (instead of --vs)")
     ap.add_argument("--resamples", type=int, default=2000)
     ap.add_argument("--plot", type=Path, help="the memory-size plot (retrieval)")
     ap.add_argument("--full-size", type=int, default=5462, help="memory items of the full runs (for the plot)")
-    ap.add_argument("--plot-note", default="", help="a note on the memory axis of the plot")
+    ap.add_argument("--plot-note", default="", help="a note under the plot")
     args = ap.parse_args()
     if not args.root.is_dir():
         sys.exit(f"cmcr_report: {args.root} is not a directory of connect runs")
     runs = load(args.root)
     if not runs:
         sys.exit(f"cmcr_report: no ROW/seed-S/metrics.json under {args.root}")
-    print(tables(runs, args.kind, [b for b in args.vs.split(",") if b], args.resamples))
+    pairs = [tuple(p.split(":", 1)) for p in args.pairs.split(",") if p]
+    if bad := [p for p in pairs if len(p) != 2 or p[0] not in runs or p[1] not in runs]:
+        sys.exit(f"cmcr_report: --pairs {bad}: each ROW:BASELINE must name two rows of {sorted(runs)}")
+    print(tables(runs, args.kind, [b for b in args.vs.split(",") if b], args.resamples, pairs))
     if args.plot:
         plot(runs, args.plot, args.full_size, args.plot_note)
         print(f"\nwrote {args.plot}")
