@@ -4,6 +4,7 @@ Losses stay pure functions: the trainer gathers embeddings here and hands the ga
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import math
@@ -13,6 +14,7 @@ import sys
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 
 from polyalign.errors import PolyalignError
@@ -143,27 +145,48 @@ def mean_over_ranks(x: torch.Tensor) -> torch.Tensor:
     return x / world_size()
 
 
+_BN_GROUPS: list = [None]  # (row group ids (R,), number of groups) while inside ``batch_norm_groups``
+
+
+@contextlib.contextmanager
+def batch_norm_groups(groups: torch.Tensor, n_groups: int):
+    """Inside, every ``GlobalBatchNorm2d`` in training normalises local row r with the statistics of the rows, on
+    every rank, of group ``groups[r]`` (< ``n_groups``, the same on all ranks): MoCo's shuffle-BN ("Momentum Contrast
+    for Unsupervised Visual Representation Learning", arXiv 1911.05722) without moving samples between processes."""
+    before, _BN_GROUPS[0] = _BN_GROUPS[0], (groups, n_groups)
+    try:
+        yield
+    finally:
+        _BN_GROUPS[0] = before
+
+
 class GlobalBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm whose training statistics are those of the global batch (summed over ranks), so a W-process run
     normalises exactly as one process with the whole batch. Works with gloo on CPU (torch's SyncBatchNorm is
-    GPU-only). In a single process or in eval mode it is plain BatchNorm."""
+    GPU-only). In a single process or in eval mode it is plain BatchNorm; inside ``batch_norm_groups`` the
+    statistics are per group of rows (the running statistics still follow the whole batch)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or world_size() == 1:
+        grouped = _BN_GROUPS[0]
+        if not self.training or (world_size() == 1 and grouped is None):
             return super().forward(x)
         c = x.shape[1]
         xf = x.float()
-        count = torch.tensor([x.numel() / c], dtype=torch.float32, device=x.device)
-        stats = all_reduce_sum_with_grad(torch.cat([xf.sum((0, 2, 3)), (xf * xf).sum((0, 2, 3)), count]))
-        n = stats[-1]
-        mean = stats[:c] / n
-        var = (stats[c : 2 * c] / n - mean * mean).clamp_min(0)  # biased, as BatchNorm normalises with
+        ids, g = grouped if grouped is not None else (torch.zeros(x.shape[0], dtype=torch.long, device=x.device), 1)
+        onehot = F.one_hot(ids.to(x.device), g).float().T  # (G, R)
+        count = onehot.sum(1, keepdim=True) * (x[0, 0].numel() if x.shape[0] else 1)  # (G, 1) values per channel
+        stats = all_reduce_sum_with_grad(torch.cat([onehot @ xf.sum((2, 3)), onehot @ (xf * xf).sum((2, 3)), count], 1))
+        total = stats.sum(0)
+        n, nt = stats[:, -1:].clamp_min(1.0), total[-1]
+        mean, var = stats[:, :c] / n, (stats[:, c : 2 * c] / n - (stats[:, :c] / n) ** 2).clamp_min(0)  # biased
         with torch.no_grad():
             m = self.momentum if self.momentum is not None else 0.1
-            self.running_mean.lerp_(mean.detach(), m)
-            self.running_var.lerp_(var.detach() * n / max(float(n) - 1, 1.0), m)
+            mt = total[:c] / nt
+            self.running_mean.lerp_(mt, m)
+            self.running_var.lerp_((total[c : 2 * c] / nt - mt * mt).clamp_min(0) * nt / max(float(nt) - 1, 1.0), m)
             self.num_batches_tracked += 1
-        y = (xf - mean[None, :, None, None]) * torch.rsqrt(var[None, :, None, None] + self.eps)
+        mean, var = mean[ids][:, :, None, None], var[ids][:, :, None, None]  # (R, C, 1, 1): each row's group
+        y = (xf - mean) * torch.rsqrt(var + self.eps)
         if self.affine:
             y = y * self.weight[None, :, None, None] + self.bias[None, :, None, None]
         return y.to(x.dtype)

@@ -5,6 +5,7 @@ import json
 import re
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -12,7 +13,7 @@ import torch
 from polyalign.app.lock import LOCK_NAME, lock_holder, run_lock
 from polyalign.config import Config, load_config
 from polyalign.config.resume import changed_keys
-from polyalign.data.base import ImageTextDataset, Views
+from polyalign.data.base import ImageTextDataset, Views, concept_partners
 from polyalign.data.tags import tag_vocabulary
 from polyalign.config.checks import resolve_hf_path
 from polyalign.errors import ConfigError, PolyalignError
@@ -74,17 +75,31 @@ def prepare_views(cfg: Config, datasets: dict, run_dir: Path, main: bool = True,
             print(f"warning: {e}; rebuilding it from the training tags, as the run first made it")
         if not tag_names:
             train = datasets["train"]
-            tag_names = tag_vocabulary((train.tags(i) for i in range(len(train))), d.tag_min_count, d.max_tags)
+            keep = train.captioned  # the low-label regime: the vocabulary of the captioned items' tags
+            tag_names = tag_vocabulary((train.tags(i) for i in range(len(train)) if keep is None or keep[i]),
+                                       d.tag_min_count, d.max_tags)
             if main and tag_names:
                 write_json(path, tag_names)
-    views = Views(augment=d.augment if d.augment.enabled else None, image_views=2 if "image_image" in terms else 1,
+    intra = "image_image" in terms
+    views = Views(augment=d.augment if d.augment.enabled else None, image_views=2 if intra else 1,
                   text_views=2 if "text_text" in terms else 1, word_drop=d.text_word_drop,
-                  tag_index={t: i for i, t in enumerate(tag_names)} if tag_names else None)
+                  tag_index={t: i for i, t in enumerate(tag_names)} if tag_names else None,
+                  intra_augment=d.intra_augment if intra and d.intra_augment.enabled else None)
     if views != Views(word_drop=d.text_word_drop):
         for split in ("train", "val"):
             if split in datasets:
-                datasets[split].views = views
+                partners = split == "train" and intra and d.intra_positive == "style"  # val: plain views
+                datasets[split].views = replace(views, partners=_partners(datasets[split]) if partners else None)
     return tag_names
+
+
+def _partners(dataset: ImageTextDataset) -> list:
+    """data.intra_positive=style: each item's image_image partners, the other items of its concept_id."""
+    partners = concept_partners(dataset)
+    if not any(len(p) for p in partners):
+        raise ConfigError("data.intra_positive=style needs manifest rows that share a concept_id (the emoji data's "
+                          "all.jsonl or loso_* files, with several styles); this manifest has none: use view")
+    return partners
 
 
 def load_run(run_dir: Path, which: str = "latest", overrides: list[str] = ()) -> tuple[Config, Model, Tokenizer]:

@@ -22,6 +22,7 @@ def validate(cfg: Config, for_training: bool = True) -> None:
     check_choices(cfg, CHOICES)
     check_ranges(cfg, RANGES)
     check_augment_config(cfg.data.augment)
+    check_augment_config(cfg.data.intra_augment, "data.intra_augment")
     _check_fdt(cfg.model.fdt)
     if cfg.train.eval_every != 0:
         raise ConfigError(f"train.eval_every={cfg.train.eval_every} is not supported: evaluation runs once, at the "
@@ -37,9 +38,12 @@ def validate(cfg: Config, for_training: bool = True) -> None:
     _check_modalities(cfg)
     _check_fusion(cfg)
     _check_heads(cfg)
-    if "image_image" in cfg.loss.active() and not cfg.data.augment.enabled:
-        raise ConfigError("loss.weights.image_image needs data.augment.enabled=true: without augmentation the two "
-                          "views of an image are identical and the term learns nothing")
+    d = cfg.data
+    if ("image_image" in cfg.loss.active() and not (d.augment.enabled or d.intra_augment.enabled)
+            and d.intra_positive == "view"):
+        raise ConfigError("loss.weights.image_image needs data.augment.enabled=true or data.intra_augment.enabled=true: "
+                          "without augmentation the two views of an image are identical and the term learns nothing")
+    _check_caption_fraction(cfg)
     if cfg.model.text.kind == "hf":
         _check_hf_context(cfg.model.text.context_length, _hf_config(cfg.model.text.hf_path))
     if cfg.eval.rerank_k and cfg.eval.rerank_k < 10:
@@ -193,13 +197,33 @@ def _check_fdt(f: FdtConfig) -> None:
         raise ConfigError(f"model.fdt.logit_scale_range must be (low, high) with 0 < low <= high, got {(lo, hi)}")
 
 
-def check_augment_config(cfg: AugmentConfig) -> None:
-    """Raise ``ConfigError`` naming the ``data.augment.<field>`` key that holds an impossible value."""
-    check_ranges(cfg, RANGES, "data.augment")  # probabilities, positive crop bounds, jitter strength
+def check_augment_config(cfg: AugmentConfig, section: str = "data.augment") -> None:
+    """Raise ``ConfigError`` naming the ``<section>.<field>`` key (``data.augment`` or ``data.intra_augment``) that
+    holds an impossible value."""
+    check_ranges(cfg, RANGES, section)  # probabilities, positive crop bounds, jitter strength
     for name in ("crop_scale", "crop_ratio"):
         pair = getattr(cfg, name)
         if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and pair[0] <= pair[1]):
-            raise ConfigError(f"data.augment.{name} must be a pair (lo, hi) with lo <= hi, got {pair!r}")
+            raise ConfigError(f"{section}.{name} must be a pair (lo, hi) with lo <= hi, got {pair!r}")
+
+
+def _check_caption_fraction(cfg: Config) -> None:
+    """The low-label regime (data.caption_fraction < 1) and the concept positives exist for the dual encoder on
+    image–text data; a concept positive needs a manifest's ``concept_id`` column."""
+    d = cfg.data
+    if d.intra_positive == "style" and d.name != "manifest":
+        raise ConfigError(f"data.intra_positive=style pairs an image with one of the same concept_id in another style "
+                          f"(manifest rows, e.g. the emoji data); data.name={d.name} has none: use view")
+    if d.caption_fraction == 1.0:
+        return
+    why = "data.caption_fraction < 1 (captionless items) "
+    if d.name not in ("shapes", "manifest") or tuple(cfg.model.modalities) != ("image", "text"):
+        raise ConfigError(why + f"needs image–text data (data.name=shapes | manifest, model.modalities=[image, text]), "
+                          f"got data.name={d.name}, model.modalities={list(cfg.model.modalities)}")
+    if cfg.loss.active() & set(FUSION_TERMS):
+        raise ConfigError(why + "is implemented for the dual encoder's terms, not itc, itm, mlm")
+    if cfg.train.grad_cache_chunk:
+        raise ConfigError(why + "does not support train.grad_cache_chunk; set it to 0")
 
 
 def check_fusion_config(cfg: FusionConfig, prefix: str = "model.fusion") -> None:

@@ -31,6 +31,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), for_t
         _apply_file(cfg, Path(path), [])
     for text in overrides:
         set_key(cfg, *parse_override(text))
+    if "image_image" not in cfg.loss.temperatures:  # written out, so a saved config.yaml names the value it ran with
+        cfg.loss.temperatures = {"image_image": cfg.loss.temperature("image_image"), **cfg.loss.temperatures}
     validate(cfg, for_training)
     return cfg
 

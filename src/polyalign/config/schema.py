@@ -8,7 +8,9 @@ from dataclasses import dataclass, field
 
 @dataclass
 class AugmentConfig:
-    """Augmentation of image views (``data.augment``); probabilities in [0, 1], colour ops off by default."""
+    """Augmentation of image views; probabilities in [0, 1]. ``data.augment`` (the caption-paired image): colour ops
+    off by default, as captions name colours. ``data.intra_augment`` (the views of the image–image term): SimCLR's
+    colour jitter 0.8 (applied with probability 0.8) and grayscale 0.2 on by default."""
 
     enabled: bool = False
     crop_scale: tuple[float, float] = (0.35, 1.0)  # area fraction of the random resized crop
@@ -47,6 +49,12 @@ class DataConfig:
     max_bad_fraction: float = 0.01
     # views for intra-modal objectives (MCT); augmentation also applies to the image the inter-modal loss sees
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    # the two views of the image_image term, when enabled (off: both views come from data.augment, the first being
+    # the caption-paired image); drawn from their own random stream of (train.seed, epoch, index)
+    intra_augment: AugmentConfig = field(default_factory=lambda: AugmentConfig(color_jitter=0.8, grayscale=0.2))
+    intra_positive: str = "view"  # view: another view of the image | style: an image of the same concept_id (manifest)
+    caption_fraction: float = 1.0  # training items that keep captions and tags (drawn from train.seed); the rest
+    # are images only: the inter-modal terms (clip, fdt, text_text, tags) never see them, image_image sees every image
     text_word_drop: float = 0.15  # second text view when an item has one caption: drop each word with this probability
     tag_min_count: int = 5  # tag vocabulary: tags on at least this many training items ...
     max_tags: int = 1000  # ... the most frequent first, at most this many
@@ -111,6 +119,7 @@ class PointsEncoderConfig:
 class MocoConfig:
     queue_size: int = 4096  # keys kept as negatives; keep it below the training set's size
     momentum: float = 0.999  # EMA of the key encoder (short runs want less, e.g. 0.99)
+    shuffle_bn: bool = True  # MoCo's shuffle-BN: queries and keys take BatchNorm statistics over different groups
 
 
 @dataclass
@@ -166,6 +175,9 @@ class ModelConfig:
     init_temperature: float = 0.07
     max_logit_scale: float = 100.0
     intra_dim: int = 128  # output of the MLP heads of the intra-modal (view–view) objectives
+    inter_head: str = "linear"  # projection of each tower into the shared space: linear | mlp (Linear-GELU-Linear, MCT)
+    text_momentum: float = 0.0  # text_text: > 0 = the second caption view goes through an EMA copy of the text
+    # tower and head with this momentum (MCT's momentum text encoder; e.g. 0.99); 0 = through the tower itself
     moco: MocoConfig = field(default_factory=MocoConfig)
     fdt: FdtConfig = field(default_factory=FdtConfig)
     # ALBEF-style fusion model (soft masks, focal ITC), built instead of the dual encoder when any of the loss
@@ -182,11 +194,17 @@ class LossConfig:
     contrastive: str = "dense"  # dense | tiled (never holds the B×B logits: for large batches)
     tile: int = 256  # rows per tile of the tiled loss at most (fewer for very large batches: a tile stays ≤ 16 MiB)
     image_image: str = "simclr"  # simclr (in-batch NT-Xent) | moco (momentum encoder + queue): the image–image term
-    temperatures: dict[str, float] = field(default_factory=lambda: {"image_image": 0.1, "text_text": 0.05})
+    # not given: image_image 0.1 with simclr, 0.2 with moco (MoCo-v2's; load_config writes it in); text_text 0.05
+    temperatures: dict[str, float] = field(default_factory=lambda: {"text_text": 0.05})
 
     def active(self) -> set[str]:
         """Names of the terms with a nonzero weight."""
         return {k for k, w in self.weights.items() if w != 0}
+
+    def temperature(self, term: str) -> float:
+        """The fixed temperature of ``term``: ``temperatures[term]``, else its default."""
+        defaults = {"image_image": 0.2 if self.image_image == "moco" else 0.1, "text_text": 0.05}
+        return float(self.temperatures.get(term, defaults[term]))
 
 
 @dataclass

@@ -20,6 +20,8 @@ CHOICES = {
     "eval.precision": ("fp32", "bf16"),
     "model.fdt.norm": ("sparsemax", "softmax", "sigmoid"),
     "model.fdt.pool": ("max", "mean"),
+    "model.inter_head": ("linear", "mlp"),
+    "data.intra_positive": ("view", "style"),
 }
 
 FIRST_MODALITIES, SECOND_MODALITIES = ("image", "audio", "points"), ("text", "image")
@@ -50,17 +52,23 @@ RANGES = {  # every numeric key → its allowed values (a tuple: each element; a
         "eval.max_captions", "eval.chunk_size"), POSITIVE),
     **dict.fromkeys((
         "data.num_workers", "data.val_size", "data.test_size", "data.tag_min_count", "data.augment.color_jitter",
-        "model.fdt.dim", "model.fdt.chunk", "model.fusion.queue_size", "model.fusion.alpha_ramp_steps",
+        "data.intra_augment.color_jitter", "model.fdt.dim", "model.fdt.chunk", "model.fusion.queue_size",
+        "model.fusion.alpha_ramp_steps",
         "model.fusion.itc_weight", "model.fusion.itm_weight", "model.fusion.mlm_weight", "model.fusion.focal_gamma",
         "loss.weights", "train.min_lr", "train.weight_decay", "train.warmup_steps", "train.threads",
         "train.grad_cache_chunk", "eval.n_examples", "eval.rerank_k", "eval.bootstrap_resamples"), NON_NEGATIVE),
     **dict.fromkeys((
         "data.max_bad_fraction", "data.augment.flip", "data.augment.blur", "data.augment.grayscale",
         "data.augment.color_jitter_p", "data.augment.noise", "data.augment.cutout", "data.text_word_drop",
+        "data.intra_augment.flip", "data.intra_augment.blur", "data.intra_augment.grayscale",
+        "data.intra_augment.color_jitter_p", "data.intra_augment.noise", "data.intra_augment.cutout",
         "model.moco.momentum", "model.fusion.momentum", "model.fusion.alpha", "model.fusion.soft_mask_lambda"),
         PROBABILITY),
-    **dict.fromkeys(("model.image.dropout", "model.text.dropout", "model.fusion.dropout", "train.betas"), BELOW_ONE),
+    **dict.fromkeys(("model.image.dropout", "model.text.dropout", "model.fusion.dropout", "train.betas",
+                     "model.text_momentum"), BELOW_ONE),
     "data.augment.crop_scale": Range(0, 1, lo_open=True), "data.augment.crop_ratio": POSITIVE,
+    "data.intra_augment.crop_scale": Range(0, 1, lo_open=True), "data.intra_augment.crop_ratio": POSITIVE,
+    "data.caption_fraction": Range(0, 1, lo_open=True, why="the fraction of training items that keep captions"),
     "model.text.context_length": Range(3, why="room for [CLS], one token and [SEP]"),
     "model.fusion.mlm_prob": Range(0, 1, lo_open=True, hi_open=True),
     "train.grad_clip": Range(0, why="0 = no clipping"), "data.seed": SEED, "train.seed": SEED,

@@ -26,6 +26,35 @@ def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
     return np.random.default_rng([seed & 0xFFFFFFFF, epoch, index])
 
 
+def intra_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
+    """The random stream of the image_image views when they have their own pipeline (``data.intra_augment``):
+    independent of ``sample_rng``, so neither pipeline's settings move the other's draws."""
+    return np.random.default_rng([seed & 0xFFFFFFFF, epoch, index, 1])
+
+
+def captioned_items(n: int, fraction: float, seed: int) -> np.ndarray | None:
+    """(n,) bool: the items that keep their captions and tags, ``round(fraction · n)`` of them (at least one), drawn
+    from ``seed`` alone; None when ``fraction`` is 1 (every item)."""
+    if fraction >= 1.0:
+        return None
+    keep = np.zeros(n, dtype=bool)
+    keep[np.random.default_rng([seed & 0xFFFFFFFF, 0xCA9]).permutation(n)[:max(1, round(fraction * n))]] = True
+    return keep
+
+
+def concept_partners(dataset) -> list[np.ndarray]:
+    """For each item, the other items of its ``concept_id`` (the emoji data: the same concept in the other styles);
+    empty for an item without one (every item of a dataset without a ``concept_id`` accessor)."""
+    concept = getattr(dataset, "concept_id", lambda i: None)
+    ids = [concept(i) for i in range(len(dataset))]
+    members: dict[str, list[int]] = {}
+    for i, c in enumerate(ids):
+        if c is not None:
+            members.setdefault(c, []).append(i)
+    return [np.array([j for j in members[c] if j != i] if c is not None else [], dtype=np.int64)
+            for i, c in enumerate(ids)]
+
+
 def stable_hash(text: str) -> int:
     """A process-independent 31-bit hash (Python's ``hash`` is salted per process)."""
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=4).digest(), "little") & 0x7FFFFFFF
@@ -34,9 +63,13 @@ def stable_hash(text: str) -> int:
 @dataclass
 class Views:
     """Extra per-sample inputs for intra-modal objectives (MCT): an augmented image (``augment``), a second
-    augmented view (``image_views=2``), a second caption view (``text_views=2``), multi-hot tags (``tag_index``)."""
+    augmented view (``image_views=2``), a second caption view (``text_views=2``), multi-hot tags (``tag_index``).
+    ``intra_augment``: both image views get this pipeline (and their own random stream), the caption-paired image
+    keeps ``augment``. ``partners[i]``: items whose image may serve as item i's second view (none: its own)."""
 
     augment: AugmentConfig | None = None
+    intra_augment: AugmentConfig | None = None
+    partners: list | None = None
     image_views: int = 1
     text_views: int = 1
     word_drop: float = 0.15
@@ -90,6 +123,7 @@ class ImageTextDataset(torch.utils.data.Dataset):
     seed: int = 0
     views: Views | None = None  # what training samples carry besides (image, caption); set by the trainer
     sample_seed: int = 0  # per-sample randomness (caption choice, augmentation); the trainer sets train.seed
+    captioned: np.ndarray | None = None  # (len,) bool: items that keep captions and tags (None: all); training only
     label_names: dict[str, list[str]] = {}
     skip_report: SkipReport
 
@@ -106,10 +140,10 @@ class ImageTextDataset(torch.utils.data.Dataset):
         return []
 
     def all_captions(self):
-        """Every caption of every item (used to train the BPE tokenizer)."""
+        """Every caption of every captioned item (used to train the BPE tokenizer)."""
         for i in range(len(self)):
-            yield from self.captions(i)
-
+            if self.captioned is None or self.captioned[i]:
+                yield from self.captions(i)
     def __getitem__(self, key) -> dict:
         epoch, i = key if isinstance(key, tuple) else (0, key)
         rng = sample_rng(self.sample_seed, epoch, i)
@@ -121,6 +155,9 @@ class ImageTextDataset(torch.utils.data.Dataset):
             "index": i,
             "labels": self.labels(i),
         }
+        hidden = self.captioned is not None and not self.captioned[i]
+        if self.captioned is not None:  # a captionless item's caption (and tags) are never read: "" stands in
+            sample["captioned"], sample["caption"] = not hidden, "" if hidden else sample["caption"]
         v = self.views
         if v is None:
             return sample
@@ -128,12 +165,26 @@ class ImageTextDataset(torch.utils.data.Dataset):
         if v.augment is not None and v.augment.enabled:
             sample["image"] = augment_image(image, rng, v.augment)
         if v.image_views == 2:
-            sample["image_view2"] = augment_image(image, rng, v.augment)
+            self._image_views(sample, image, i, epoch, rng, v)
         if v.text_views == 2:
-            sample["caption_view2"] = second_caption(caps, c, rng, v.word_drop)
+            sample["caption_view2"] = "" if hidden else second_caption(caps, c, rng, v.word_drop)
         if v.tag_index is not None:
-            sample["tags"] = multi_hot(self.tags(i), v.tag_index)
+            sample["tags"] = multi_hot([] if hidden else self.tags(i), v.tag_index)
         return sample
+
+    def _image_views(self, sample: dict, image: torch.Tensor, i: int, epoch: int, rng, v: Views) -> None:
+        """The image_image views: with ``intra_augment`` both new (``image_view1``, ``image_view2``, their own stream),
+        else ``image_view2`` beside the caption-paired image; the second from a partner item when there is one."""
+        if v.intra_augment is not None:
+            rng = intra_rng(self.sample_seed, epoch, i)
+        other = image
+        if v.partners is not None and len(v.partners[i]):
+            other = self.image(int(v.partners[i][rng.integers(len(v.partners[i]))]))
+        if v.intra_augment is not None:
+            sample["image_view1"] = augment_image(image, rng, v.intra_augment)
+            sample["image_view2"] = augment_image(other, rng, v.intra_augment)
+        else:
+            sample["image_view2"] = other if v.augment is None else augment_image(other, rng, v.augment)
 
 
 def cached_array(cache: Path | None, make: Callable[[], np.ndarray]) -> np.ndarray:

@@ -45,6 +45,10 @@ def build_datasets(cfg: DataConfig, sample_seed: int, show_progress: bool = True
                                              label_fields=cfg.label_fields)
     for ds in out.values():
         ds.sample_seed = sample_seed
+    if cfg.caption_fraction < 1:  # the low-label regime: captions and tags of the other training items are hidden
+        from polyalign.data.base import captioned_items
+
+        out["train"].captioned = captioned_items(len(out["train"]), cfg.caption_fraction, sample_seed)
     if cfg.audio_augment and hasattr(out["train"], "augment") and cfg.name in ("shapes_audio", "speech"):
         from polyalign.data.audio import AudioAugment
 

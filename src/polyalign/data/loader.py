@@ -44,8 +44,9 @@ class GlobalBatchSampler:
 class Collator:
     """Samples → batch dict with whatever modalities the samples carry: ``image`` uint8 (B, 3, H, W); ``text``
     (B, L) + ``text_mask`` (B, L) from the captions; ``audio`` float (B, T) zero-padded + ``audio_mask`` (B, T), True
-    on real samples; ``points`` (B, N, 3); always ``index`` (B,). With views: ``image_view2`` uint8 (B, 3, H, W),
-    ``text_view2``/``text_view2_mask`` (B, L), ``tags`` (B, T)."""
+    on real samples; ``points`` (B, N, 3); always ``index`` (B,). With views: ``image_view2`` (and, with ``data.intra_augment``,
+    ``image_view1``) uint8 (B, 3, H, W), ``text_view2``/``text_view2_mask`` (B, L), ``tags`` (B, T); with
+    ``data.caption_fraction`` < 1, ``captioned`` bool (B,): the rows whose caption and tags the inter terms see."""
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
@@ -53,9 +54,11 @@ class Collator:
     def __call__(self, samples: list[dict]) -> dict:
         first = samples[0]
         batch = {"index": torch.tensor([s["index"] for s in samples])}
-        for key in ("image", "image_view2", "points", "tags"):  # fixed-size tensors
+        for key in ("image", "image_view1", "image_view2", "points", "tags"):  # fixed-size tensors
             if key in first:
                 batch[key] = torch.stack([s[key] for s in samples])
+        if "captioned" in first:
+            batch["captioned"] = torch.tensor([s["captioned"] for s in samples], dtype=torch.bool)
         if "caption" in first:
             batch["text"], batch["text_mask"] = self.tokenizer([s["caption"] for s in samples])
         if "caption_view2" in first:
@@ -79,7 +82,7 @@ def make_loader(dataset, tokenizer, batch_size: int, seed: int, start_step: int,
 def to_model_inputs(batch: dict, device: torch.device | str = "cpu") -> dict:
     """Tensors to the device; uint8 pixels → float in [0, 1] (once per batch, not per sample in the loader)."""
     batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-    pixels = {k: batch[k].float().div_(255.0) for k in ("image", "image_view2") if k in batch}
+    pixels = {k: batch[k].float().div_(255.0) for k in ("image", "image_view1", "image_view2") if k in batch}
     return {**batch, **pixels}
 
 

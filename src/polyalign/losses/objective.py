@@ -8,6 +8,8 @@ loss, whose mean over ranks is the loss of one process on the whole batch.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from polyalign.config import LossConfig, check_loss
@@ -41,7 +43,7 @@ def fdt_term(out: DualOutput, cfg: LossConfig) -> torch.Tensor:
 def image_image_term(out: DualOutput, cfg: LossConfig) -> torch.Tensor:
     """Two augmented views of each image: SimCLR NT-Xent in-batch, or MoCo (both views as queries, the other
     view's momentum key as positive, the queue as negatives)."""
-    t = cfg.temperatures.get("image_image", 0.1)
+    t = cfg.temperature("image_image")
     z1, z2 = out.image_view1_emb, out.image_view2_emb
     if out.moco_queue is not None:
         q = out.moco_queue
@@ -54,7 +56,7 @@ def image_image_term(out: DualOutput, cfg: LossConfig) -> torch.Tensor:
 
 def text_text_term(out: DualOutput, cfg: LossConfig) -> torch.Tensor:
     """Two views of each caption (another caption of the item, or word dropout): symmetric in-batch InfoNCE."""
-    a, b, scale = out.text_view1_emb, out.text_view2_emb, 1.0 / cfg.temperatures.get("text_text", 0.05)
+    a, b, scale = out.text_view1_emb, out.text_view2_emb, 1.0 / cfg.temperature("text_text")
     if out.gathered is not None:
         return local_info_nce(a, b, out.all_rows("text_view1_emb"), out.all_rows("text_view2_emb"), scale,
                               out.rank_offset)
@@ -92,12 +94,41 @@ def mlm_term(out: FusionOutput, cfg: LossConfig | None = None) -> torch.Tensor:
     return mlm_loss(out.mlm_logits, out.mlm_labels, out.mlm_soft, out.mlm_alpha)
 
 
+INTER_FIELDS = {  # the inter-modal terms (they read captions or tags) → the per-row fields they read
+    "clip": ("first_emb", "second_emb"), "fdt": ("fdt_image_emb", "fdt_text_emb"),
+    "text_text": ("text_view1_emb", "text_view2_emb"), "tags": ("tag_logits", "tag_targets"),
+}
+
+
+def captioned_only(name: str, term):
+    """``term`` on the captioned rows alone (``out.caption_mask``, data.caption_fraction < 1): its fields cut to those
+    rows, locally and in every rank's gathered rows, rescaled so that the mean over ranks stays the loss of one
+    process on the global batch's captioned rows; 0 (with a graph: DDP's collectives still run) when there are none."""
+    def restricted(out: DualOutput, cfg: LossConfig) -> torch.Tensor:
+        keep = out.caption_mask
+        if keep is None:
+            return term(out, cfg)
+        names, every = INTER_FIELDS[name], out.all_rows("caption_mask")
+        n, total = int(keep.sum()), int(every.sum())
+        if n == 0:  # no captioned row here: 0, still a function of the gathered rows (DDP's backward collectives)
+            return sum(out.all_rows(f).float().sum() for f in names) * 0.0
+        local = {f: getattr(out, f)[keep] for f in names}
+        if out.gathered is None:
+            return term(dataclasses.replace(out, **local), cfg)
+        rows = {f: getattr(out.gathered, f)[every] for f in names if f in out.gather_fields()}  # tags: local rows
+        cut = dataclasses.replace(out, **local, gathered=dataclasses.replace(out.gathered, **rows),
+                                  rank_offset=int(every[:out.rank_offset].sum()))
+        return term(cut, cfg) * (n * every.shape[0] / (keep.shape[0] * total))  # n / (total / world)
+    restricted.__name__, restricted.__doc__ = term.__name__, term.__doc__
+    return restricted
+
+
 TERMS = {  # name → f(model output, loss config) -> scalar; the names are config.schema.LOSS_TERMS
-    "clip": clip_term,
-    "image_image": image_image_term,
-    "text_text": text_text_term,
-    "tags": tags_term,
-    "fdt": fdt_term,
+    "clip": captioned_only("clip", clip_term),  # the inter-modal terms read the captioned rows only
+    "image_image": image_image_term,  # every image
+    "text_text": captioned_only("text_text", text_text_term),
+    "tags": captioned_only("tags", tags_term),
+    "fdt": captioned_only("fdt", fdt_term),
     "itc": itc_term,  # the fusion model's terms
     "itm": itm_term,
     "mlm": mlm_term,

@@ -17,7 +17,7 @@ from polyalign.models.encoders.points import PointNet
 from polyalign.models.encoders.text import HFTextEncoder, TextTransformer
 from polyalign.models.fusion import FusionModel
 from polyalign.models.heads.fdt import FDTHead
-from polyalign.models.heads.momentum import MomentumEncoder
+from polyalign.models.heads.momentum import MomentumEncoder, MomentumTower
 from polyalign.models.heads.projection import MLPHead, ProjectionHead
 from polyalign.models.interface import Model
 
@@ -53,9 +53,11 @@ def build_intra_heads(cfg: ModelConfig, loss: LossConfig, image_encoder: nn.Modu
         heads.image = MLPHead(image_encoder.width, cfg.intra_dim, image_pool)
         if loss.image_image == "moco":
             heads.momentum = MomentumEncoder(image_encoder, heads.image, cfg.intra_dim, cfg.moco.queue_size,
-                                             cfg.moco.momentum)
+                                             cfg.moco.momentum, cfg.moco.shuffle_bn)
     if "text_text" in terms:
         heads.text = MLPHead(text_encoder.width, cfg.intra_dim, text_pool)
+        if cfg.text_momentum > 0:  # MCT's momentum text encoder: the second caption view's embeddings
+            heads.text_momentum = MomentumTower(text_encoder, heads.text, cfg.text_momentum)
     if "tags" in terms:
         if not tag_names:
             raise ConfigError("loss.weights.tags > 0 but the training data has no tag seen on at least "
@@ -87,7 +89,8 @@ def build_model(cfg: ModelConfig, image_size: int, vocab_size: int, loss: LossCo
                            vocab_size, special_ids)
     encoders = tuple(build_encoder(cfg, m, image_size, vocab_size) for m in cfg.modalities)
     pools = [getattr(cfg, m).pool or e.pool for m, e in zip(cfg.modalities, encoders)]
-    heads = tuple(ProjectionHead(e.width, cfg.embed_dim, p) for e, p in zip(encoders, pools))
+    mlp = cfg.inter_head == "mlp"
+    heads = tuple(ProjectionHead(e.width, cfg.embed_dim, p, mlp) for e, p in zip(encoders, pools))
     intra, fdt = None, None
     if cfg.modalities == ("image", "text") and loss is not None:
         intra = build_intra_heads(cfg, loss, *encoders, *pools, list(tag_names))

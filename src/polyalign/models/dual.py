@@ -3,16 +3,18 @@ the optional heads of MCT (arXiv 2104.12836) and FDT (arXiv 2303.14865), all han
 ``polyalign.models.build``."""
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from polyalign import distributed as dist
 from polyalign.models.encoders.efficientnet import warm_image_cache
 from polyalign.models.encoders.text import trim_padding, warm_cache
 from polyalign.models.heads.fdt import FDTHead
-from polyalign.models.heads.momentum import MomentumEncoder
+from polyalign.models.heads.momentum import MomentumEncoder, MomentumTower
 from polyalign.models.heads.projection import MLPHead, ProjectionHead
 from polyalign.models.outputs import DualOutput
 
@@ -20,11 +22,13 @@ from polyalign.models.outputs import DualOutput
 @dataclass
 class IntraHeads:
     """MCT's heads, each ``None`` when its loss term is off: ``image`` (image_image), ``momentum`` (its MoCo mode:
-    EMA key encoder + queue), ``text`` (text_text), ``tags`` (a linear classifier over ``tag_names``)."""
+    EMA key encoder + queue), ``text`` (text_text), ``text_momentum`` (its EMA text tower, model.text_momentum),
+    ``tags`` (a linear classifier over ``tag_names``)."""
 
     image: MLPHead | None = None
     momentum: MomentumEncoder | None = None
     text: MLPHead | None = None
+    text_momentum: MomentumTower | None = None
     tags: nn.Linear | None = None
     tag_names: list[str] = field(default_factory=list)
 
@@ -52,6 +56,7 @@ class DualEncoder(nn.Module):
         intra = intra or IntraHeads()
         self.image_intra_head, self.momentum = intra.image, intra.momentum
         self.text_intra_head, self.tag_head, self.tag_names = intra.text, intra.tags, list(intra.tag_names)
+        self.text_momentum = intra.text_momentum
         self.fdt, self.clip_on = fdt, clip_on
 
     # --- what the model declares (polyalign.models.interface.Model) ---
@@ -163,42 +168,72 @@ class DualEncoder(nn.Module):
         if self.modalities != ("image", "text"):  # CLAP, ULIP, ...: the clip term only (config validation)
             first, second = (self.encode(m, batch) for m in self.modalities)
             return DualOutput(first_emb=first, second_emb=second, logit_scale=self.scale())
-        out, b = DualOutput(), batch["image"].shape[0]
-        views = self.image_intra_head is not None
-        images = torch.cat([batch["image"], batch["image_view2"]]) if views else batch["image"]
-        tokens = self.image_encoder(images)  # (B or 2B, N, W)
+        out, b = DualOutput(caption_mask=batch.get("captioned")), batch["image"].shape[0]
+        views, separate = self.image_intra_head is not None, "image_view1" in batch  # separate: data.intra_augment
+        paired = self.clip_on or self.fdt is not None or self.tag_head is not None  # terms on the caption-paired image
+        images = torch.cat(([batch["image"]] if paired or not separate else []) + (
+            [batch["image_view1"]] if views and separate else []) + ([batch["image_view2"]] if views else []))
+        with self._bn_groups(images.shape[0] // b, b, keys=False):
+            tokens = self.image_encoder(images)  # (V·B, N, W): [caption-paired image,] [view 1,] view 2
+        rows = self._text_rows(batch.get("captioned"))  # the text tower reads captioned rows only
+        pick = (lambda x: x) if rows is None else (lambda x: x[rows])
+        put = (lambda x: x) if rows is None else (lambda x: x.new_zeros((b, *x.shape[1:])).index_copy(0, rows, x))
         if self.clip_on or self.fdt is not None or self.text_intra_head is not None:
-            text_tokens, mask = self.text_tokens(batch["text"], batch["text_mask"])  # (B, L', W), (B, L')
+            text_tokens, mask = self.text_tokens(pick(batch["text"]), pick(batch["text_mask"]))  # (B', L', W)
         if self.clip_on:
-            out.first_emb, out.second_emb = self.image_head(tokens[:b]), self.text_head(text_tokens, mask)
+            out.first_emb, out.second_emb = self.image_head(tokens[:b]), put(self.text_head(text_tokens, mask))
             out.logit_scale = self.scale()
         if self.fdt is not None:
             (zi, wi), (zt, wt) = self.fdt.image(self.patches(tokens[:b])), self.fdt.text(text_tokens, mask)
-            out.fdt_image_emb, out.fdt_text_emb, out.fdt_logit_scale = zi, zt, self.fdt.scale()
+            out.fdt_image_emb, out.fdt_text_emb, out.fdt_logit_scale = zi, put(zt), self.fdt.scale()
             out.stats.update({"fdt_image_active": (wi > 0).sum(1).float().mean(),  # (w > 0): no gradient
                               "fdt_text_active": (wt > 0).sum(1).float().mean(),
                               "fdt_logit_scale": out.fdt_logit_scale.detach()})
         if views:
-            z = self.image_intra_head(tokens)  # both views through one BatchNorm
+            with self._bn_groups(2, b, keys=False):
+                z = self.image_intra_head(tokens[-2 * b:])  # both views through one BatchNorm (or its groups)
             out.image_view1_emb, out.image_view2_emb = z[:b], z[b:]
             if self.momentum is not None:
-                k = self.momentum.keys(images)
+                with self._bn_groups(2, b, keys=True):
+                    k = self.momentum.keys(images[-2 * b:])
                 out.moco_key1_emb, out.moco_key2_emb, out.moco_queue = k[:b], k[b:], self.momentum.queue.clone()
         if self.text_intra_head is not None:
-            t2, m2 = self.text_tokens(batch["text_view2"], batch["text_view2_mask"])
-            out.text_view1_emb = self.text_intra_head(text_tokens, mask)
-            out.text_view2_emb = self.text_intra_head(t2, m2)
+            ids2, m2 = pick(batch["text_view2"]), pick(batch["text_view2_mask"])
+            out.text_view1_emb = put(self.text_intra_head(text_tokens, mask))
+            out.text_view2_emb = put(self.text_momentum(*trim_padding(ids2, m2)) if self.text_momentum is not None
+                                     else self.text_intra_head(*self.text_tokens(ids2, m2)))
         if self.tag_head is not None:
             out.tag_logits = self.tag_head(self.image_head.features(tokens[:b]).float())
             out.tag_targets = batch["tags"]
         return out
 
+    @staticmethod
+    def _text_rows(captioned: torch.Tensor | None) -> torch.Tensor | None:
+        """Indices of the captioned rows (data.caption_fraction < 1), whose captions the text tower reads; None (all
+        rows) without a mask, or with fewer than 2 captioned rows (BatchNorm needs 2; the loss ignores the rest)."""
+        if captioned is None or int(captioned.sum()) < 2 or bool(captioned.all()):
+            return None
+        return captioned.nonzero().squeeze(1)
+
+    def _bn_groups(self, n_views: int, b: int, keys: bool):
+        """MoCo's shuffle-BN (``model.moco.shuffle_bn``), as BatchNorm groups over the global batch of N samples: the
+        queries' groups are runs of m = ⌈√N⌉ samples, the keys' groups take one sample of each run, so a query and
+        its positive key share their BatchNorm statistics with no other sample. A no-op when off."""
+        if self.momentum is None or not self.momentum.shuffle_bn or not self.training:
+            return contextlib.nullcontext()
+        n = dist.world_size() * b
+        m, s = math.isqrt(n - 1) + 1, dist.rank() * b + torch.arange(b)  # s: global index of this rank's samples
+        ids, groups = (s % m, m) if keys else (s // m, (n + m - 1) // m)
+        return dist.batch_norm_groups(ids.repeat(n_views), groups)
+
     @torch.no_grad()
     def after_step(self, out: DualOutput) -> None:
-        """After the optimiser step: the FDT logit scale back into its range; MoCo's EMA update of the key encoder,
-        then the step's keys (every rank's, when gathered) enter the queue."""
+        """After the optimiser step: the FDT logit scale back into its range; the momentum text tower's EMA update;
+        MoCo's EMA update of the key encoder, then the step's keys (every rank's, when gathered) enter the queue."""
         if self.fdt is not None:
             self.fdt.clamp_logit_scale()
+        if self.text_momentum is not None:
+            self.text_momentum.update(self.text_encoder, self.text_intra_head)
         if self.momentum is None:
             return
         self.momentum.update(self.image_encoder, self.image_intra_head)

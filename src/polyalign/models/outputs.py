@@ -63,6 +63,8 @@ class DualOutput(Output):
     text_view2_emb: Tensor | None = _gather("(B, I) the second caption view (text_text)")
     tag_logits: Tensor | None = None  # (B, T) tag scores (tags)
     tag_targets: Tensor | None = None  # (B, T) multi-hot tags of the batch (tags)
+    caption_mask: Tensor | None = _gather("(B,) bool: rows with a caption (data.caption_fraction < 1); the inter-modal "
+                                          "terms read only these rows, the text fields of the others are 0")
 
 
 @dataclass

@@ -17,12 +17,13 @@ from torch import nn
 class MomentumEncoder(nn.Module):
     """EMA copy of ``encoder`` + ``head`` producing keys, and a FIFO queue of past keys (``queue_size``, dim)."""
 
-    def __init__(self, encoder: nn.Module, head: nn.Module, dim: int, queue_size: int, momentum: float):
+    def __init__(self, encoder: nn.Module, head: nn.Module, dim: int, queue_size: int, momentum: float,
+                 shuffle_bn: bool = False):
         super().__init__()
         self.encoder, self.head = copy.deepcopy(encoder), copy.deepcopy(head)
         for p in self.parameters():
             p.requires_grad_(False)
-        self.momentum = momentum
+        self.momentum, self.shuffle_bn = momentum, shuffle_bn  # shuffle_bn: the model's keys use other BN groups
         g = torch.Generator().manual_seed(0)  # the initial queue must not move the global RNG
         self.register_buffer("queue", F.normalize(torch.randn(queue_size, dim, generator=g), dim=1))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
@@ -49,6 +50,26 @@ class MomentumEncoder(nn.Module):
         idx = (ptr + torch.arange(n, device=keys.device)) % size
         self.queue[idx] = keys
         self.queue_ptr.fill_((ptr + n) % size)
+
+
+class MomentumTower(nn.Module):
+    """An EMA copy of a text tower and its head (MCT's momentum text encoder): ``forward(ids, mask)`` → normalised
+    embeddings (B, dim) without a graph; ``update`` after each optimiser step."""
+
+    def __init__(self, encoder: nn.Module, head: nn.Module, momentum: float):
+        super().__init__()
+        self.encoder, self.head, self.momentum = copy.deepcopy(encoder), copy.deepcopy(head), momentum
+        for p in self.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(ids, mask), mask)
+
+    @torch.no_grad()
+    def update(self, encoder: nn.Module, head: nn.Module) -> None:
+        ema_update(encoder, self.encoder, self.momentum)
+        ema_update(head, self.head, self.momentum)
 
 
 @torch.no_grad()

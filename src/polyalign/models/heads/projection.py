@@ -21,12 +21,15 @@ def pool_tokens(tokens: torch.Tensor, mask: torch.Tensor | None, how: str) -> to
 
 
 class ProjectionHead(nn.Module):
-    """Pools encoder tokens and maps them linearly into the shared embedding space."""
+    """Pools encoder tokens and maps them into the shared embedding space: linearly (CLIP), or with ``mlp`` through
+    Linear → GELU → Linear (MCT's per-modality MLP heads, arXiv 2104.12836). No BatchNorm: an item's embedding
+    depends on that item alone."""
 
-    def __init__(self, in_dim: int, embed_dim: int, pool: str):
+    def __init__(self, in_dim: int, embed_dim: int, pool: str, mlp: bool = False):
         super().__init__()
         self.pool = pool
-        self.proj = nn.Linear(in_dim, embed_dim, bias=False)
+        self.proj = (nn.Sequential(nn.Linear(in_dim, in_dim), nn.GELU(), nn.Linear(in_dim, embed_dim, bias=False))
+                     if mlp else nn.Linear(in_dim, embed_dim, bias=False))
 
     def features(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Pooled backbone features (B, in_dim), before projection (what a linear probe reads)."""
