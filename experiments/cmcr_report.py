@@ -8,7 +8,9 @@ projectors in the independent-spaces designs. The hard pivot, the soft pivot and
 ``full`` run (they use no projector). Table 1: mean ± sample std over the seeds. Table 2: each row minus each
 baseline of ``--vs``, paired by seed and query: the observed difference of the seed-averaged figures and a 95%
 percentile interval from a bootstrap that resamples the seeds and, within each drawn seed, the queries (the same
-draw for both sides; ``polyalign.eval.bootstrap.paired_difference``); ``*`` = the interval excludes 0. Rows of
+draw for both sides; ``polyalign.eval.bootstrap.paired_difference``); ``*`` = the interval excludes 0; ``**`` = the
+t-interval over the seeds alone (the per-seed differences) excludes 0 too: drawing 3 seeds with replacement
+understates their spread, so only ``**`` is read as a finding. Rows of
 ``memory_<N>`` (memories cut to N items) and ``paired_<N>`` (projectors on N real pairs) are ordered by N.
 """
 from __future__ import annotations
@@ -21,6 +23,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from scipy import stats as scipy_stats
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from polyalign.eval.bootstrap import paired_difference  # noqa: E402
@@ -109,6 +112,12 @@ def difference(first: dict[int, dict], second: dict[int, dict], key: str, digits
         return "–"  # a run without ranks.npz (made before per-query ranks were written)
     diff, low, high = paired_difference(a, b, stat, resamples)
     mark = " *" if low > 0 or high < 0 else ""
+    per_seed = stat(a) - stat(b)  # the t-interval over the seeds alone: with 3 seeds the bootstrap's seed draws
+    if mark and len(seeds) > 1 and per_seed.std(ddof=1) > 0:  # underestimate the seeds' spread, so say when both agree
+        half = scipy_stats.t.ppf(0.975, len(seeds) - 1) * per_seed.std(ddof=1) / len(seeds) ** 0.5
+        mark += "*" if abs(per_seed.mean()) > half else ""
+    elif mark and len(seeds) > 1:
+        mark += "*"  # the same difference in every seed
     return f"{diff:+.{digits}f} [{low:+.{digits}f}, {high:+.{digits}f}]{mark}"
 
 
@@ -128,7 +137,8 @@ def tables(runs: dict, kind: str, vs: list[str], resamples: int, pairs: list[tup
         lines += ["", "Soft pivot τ per seed (chosen on val): " + " / ".join(f"{t:g}" for t in taus)]
     dkeys = DIFF_KEYS[kind]
     lines += ["", f"Paired differences (row − baseline), seed-averaged, [95% bootstrap interval over seeds and "
-              f"queries, {resamples} resamples]; * = excludes 0; MdR: lower is better.", "",
+              f"queries, {resamples} resamples]; * = the interval excludes 0; ** = the 95% t-interval over the seeds "
+              "alone excludes 0 too; MdR: lower is better.", "",
               "| row | vs | " + " | ".join(dkeys) + " |", "|---|---|" + "---|" * len(dkeys)]
     pairs = list(pairs) or [(r, base) for base in vs for r in rows if r not in (base, "chance")]
     for r, base in pairs:
