@@ -64,7 +64,8 @@ def test_a_second_run_into_a_training_directory_is_refused_and_a_killed_runs_loc
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.time() + 120
-        while find_checkpoint(out / "checkpoints") is None and time.time() < deadline:
+        # wait for the pointer, written after a checkpoint's files: between the two the step on disk is incomplete
+        while not (out / "checkpoints" / "latest.json").exists() and time.time() < deadline:
             time.sleep(0.05)
         assert find_checkpoint(out / "checkpoints") is not None, "the first run never checkpointed"
         before = {k: v for k, v in _snapshot(out).items() if k in ("config.yaml", "tokenizer.json", ".lock")}
