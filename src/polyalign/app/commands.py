@@ -80,9 +80,25 @@ def cmd_sweep(args) -> int:
     from polyalign.app.sweep import run_sweep, summary_markdown
 
     out = args.out or str(Path("runs") / Path(args.config).stem)
+    if args.grid:
+        return _grid_sweep(args, out)
+    if args.jobs != 1:
+        from polyalign.errors import ConfigError
+
+        raise ConfigError("--jobs runs the cells of a grid side by side: give --grid key=v1,v2 too")
     summary = run_sweep(args.config, args.seeds, out, args.overrides)
     print(summary_markdown(summary))
     print(f"summary: {Path(out) / 'summary.json'}")
+    return 0
+
+
+def _grid_sweep(args, out: str) -> int:
+    from polyalign.app.grid import grid_markdown, run_grid
+
+    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] or None
+    summary = run_grid(args.config, args.grid, args.seeds, out, args.overrides, args.jobs, metrics=metrics)
+    print(grid_markdown(summary, metrics))
+    print(f"summary: {Path(out) / 'summary.md'} (every metric: {Path(out) / 'grid.json'})")
     return 0
 
 

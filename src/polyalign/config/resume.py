@@ -12,7 +12,7 @@ from polyalign.config.schema import Config
 from polyalign.config.tree import flat_items, parse_override, set_key
 from polyalign.errors import ConfigError
 
-SAFE_ON_RESUME = ("train.max_steps", "train.threads", "train.log_every", "train.checkpoint_every",
+SAFE_ON_RESUME = ("train.max_steps", "train.threads", "train.log_every", "train.checkpoint_every", "train.report_to",
                   "data.num_workers", "data.cache_dir",
                   # recovery from a non-finite loss, as its message suggests: same data and recipe, but from then on
                   # not the continuation an uninterrupted run would have been (the resume notice lists them)

@@ -11,13 +11,16 @@ from tqdm import tqdm
 
 from polyalign import distributed as dist
 from polyalign.config import TrainConfig
+from polyalign.train.tensorboard import Reporter
 
 
 class StepMeter:
     """Every rank calls ``step`` (the logged values are averaged over ranks, a collective); rank 0 alone writes."""
 
-    def __init__(self, cfg: TrainConfig, log_path, start: int, main: bool, show_progress: bool = True):
+    def __init__(self, cfg: TrainConfig, log_path, start: int, main: bool, show_progress: bool = True,
+                 reporter: Reporter | None = None):
         self.cfg, self.main, self.show = cfg, main, show_progress
+        self.reporter = reporter or Reporter()  # TensorBoard too (train.report_to); the caller closes it
         self.log = open(log_path, "a") if main else contextlib.nullcontext()
         self.interactive = show_progress and main and sys.stderr.isatty()
         self.bar = tqdm(total=cfg.max_steps, initial=start, disable=not self.interactive, desc="train", unit="step")
@@ -46,6 +49,7 @@ class StepMeter:
                "data_frac": w["data"] / w["time"], "grad_norm": grad_norm.item(), "logit_scale": scale.item()}
         self.log.write(json.dumps(row) + "\n")
         self.log.flush()
+        self.reporter.scalars(step, {k: v for k, v in row.items() if k != "step"}, "train/")
         self.bar.set_postfix(loss=f"{row['loss']:.3f}", sps=f"{row['samples_per_s']:.0f}")
         if self.show and not self.interactive and (step % self.report_every == 0 or step == t.max_steps):
             print(f"step {step}/{t.max_steps}  loss {row['loss']:.4f}  lr {lr:.2e}  "

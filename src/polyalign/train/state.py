@@ -15,6 +15,7 @@ from polyalign.train.amp import autocast
 from polyalign.train.checkpoint import (find_checkpoint, load_state, load_weights, rng_state, save_checkpoint,
                                        set_rng_state)
 from polyalign.train.files import truncate_log
+from polyalign.train.tensorboard import Reporter
 
 
 @torch.no_grad()
@@ -47,8 +48,10 @@ class Checkpointer:
     """Saves and restores ``RUN/checkpoints`` (the latest, previous and best steps are kept, so a damaged checkpoint
     has an intact one to fall back on); rank 0 writes, every rank takes part (RNG states are gathered)."""
 
-    def __init__(self, run_dir: Path, model, optimizer, objective, cfg: Config, val_set=None, tokenizer=None):
+    def __init__(self, run_dir: Path, model, optimizer, objective, cfg: Config, val_set=None, tokenizer=None,
+                 reporter: Reporter | None = None):
         self.dir, self.log_path = Path(run_dir) / "checkpoints", Path(run_dir) / "log.jsonl"
+        self.reporter = reporter or Reporter()
         self.model, self.optimizer, self.objective, self.cfg = model, optimizer, objective, cfg
         self.val_set, self.tokenizer, self.best = val_set, tokenizer, math.inf
 
@@ -69,6 +72,7 @@ class Checkpointer:
             if not math.isnan(val):  # no val split: nothing to log (NaN is not valid JSON)
                 with open(self.log_path, "a") as f:  # before the commit: a resume from `step` keeps it, one from an
                     f.write(json.dumps({"step": step, "val_loss": val}) + "\n")  # earlier step drops it
+                self.reporter.scalars(step, {"loss": val}, "val/")
             save_checkpoint(self.dir, step, self.model, state, best=is_best, keep_previous=True)
         dist.barrier()
 
