@@ -4,6 +4,7 @@
     polyalign eval RUN_DIR [key=value ...] [--which latest|best]
     polyalign demo [--out DIR] [key=value ...]
     polyalign sweep CONFIG.yaml --seeds 0,1,2 --out DIR [key=value ...]
+    polyalign sweep CONFIG.yaml --grid KEY=V1,V2 [--grid ...] --seeds 0,1,2 [--jobs N] --out DIR [key=value ...]
     polyalign table SWEEP_DIR [SWEEP_DIR ...] --metrics a,b [--names x,y] [--baseline NAME]
     polyalign connect CONFIG.yaml [key=value ...] [--out DIR] [--resume]
     polyalign embed RUN_DIR [data.key=value ...] --modality M (--split S | --manifest M | --texts F) --out PREFIX
@@ -13,7 +14,7 @@
     polyalign index RUN_DIR (--manifest M | --folder DIR | --split S) --out IDX [--kind flat|hnsw|ivfpq]
     polyalign search IDX "a red heart" [-k 10] [--image PATH] [--target image|text]
     polyalign serve IDX [--port 8000] [--host 127.0.0.1]
-    polyalign export RUN_DIR --onnx OUT
+    polyalign export RUN_DIR (--onnx OUT | --hf OUT)
     polyalign --version
 
 Options and ``key=value`` overrides mix in any order (``polyalign eval RUN --which best eval.max_captions=1``).
@@ -117,6 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("overrides", nargs="*", default=[], help="dotted overrides applied to every seed")
     sw.add_argument("--seeds", type=_int_list, default=[0, 1, 2], help="comma-separated seeds (default 0,1,2)")
     sw.add_argument("--out", help="sweep directory (default runs/<recipe name>); seed s trains into OUT/seed-s")
+    sw.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                    help="a grid key and its values (repeatable): every combination is a cell, trained with every "
+                         "seed into OUT/<cell>/seed-s; OUT/summary.md has one row per cell")
+    sw.add_argument("--jobs", type=int, default=1, help="grid cells trained side by side (train.threads split)")
+    sw.add_argument("--metrics", default="", help="grid sweeps: comma-separated metric columns of the table")
     sw.set_defaults(func=cmd_sweep)
     tb = sub.add_parser("table", help="a markdown table of several sweeps' mean ± std, and each sweep's paired "
                                       "difference (by seed) to a baseline sweep with its 95%% t-interval")
@@ -209,9 +215,13 @@ def _serve_parsers(sub) -> None:
     sv.add_argument("--threads", type=int, default=0, help="torch and FAISS threads (0: their defaults); 1 can be "
                     "faster for single queries on a busy machine (benchmarks/results/search.md)")
     sv.set_defaults(func=cmd_serve)
-    ex = sub.add_parser("export", help="export a run's towers (ONNX), each checked with onnxruntime against PyTorch")
+    ex = sub.add_parser("export", help="export a run's towers (ONNX, or a Hugging Face CLIPModel folder), each "
+                        "checked against PyTorch")
     ex.add_argument("run_dir")
-    ex.add_argument("--onnx", required=True, help="output folder: <tower>.onnx, onnx.json, tokenizer.json")
+    fmt = ex.add_mutually_exclusive_group(required=True)
+    fmt.add_argument("--onnx", help="output folder: <tower>.onnx, onnx.json, tokenizer.json")
+    fmt.add_argument("--hf", help="output folder that transformers loads offline: CLIPModel.from_pretrained(OUT) "
+                     "(vit + causal text towers)")
     ex.add_argument("--which", choices=("auto", "best", "latest"), default="auto", help="checkpoint to export")
     ex.set_defaults(func=cmd_export)
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import sys
 import time
 from dataclasses import replace
@@ -15,13 +16,14 @@ from polyalign.config import Config, load_config
 from polyalign.config.resume import changed_keys
 from polyalign.data.base import ImageTextDataset, Views, concept_partners
 from polyalign.data.tags import tag_vocabulary
-from polyalign.config.checks import resolve_hf_path
+from polyalign.config.checks import init_from_dir, resolve_hf_path
 from polyalign.errors import ConfigError, PolyalignError
 from polyalign.models.build import build_model
 from polyalign.models.interface import Model
 from polyalign.tokenizer import Tokenizer, special_ids_of
 from polyalign.train.checkpoint import find_checkpoint, load_weights
 from polyalign.train.files import write_json
+from polyalign.train.tensorboard import TENSORBOARD_DIR
 
 DEMO_MARKER = ".polyalign-demo"  # written into a demo's run directory: the demo replaces only such a folder
 RUN_FILES = {"config.yaml", "tokenizer.json", "tags.json", "log.jsonl", "loss.png", "metrics.json",
@@ -41,7 +43,9 @@ def prepare_tokenizer(cfg: Config, train_ds: ImageTextDataset, run_dir: Path, re
         except PolyalignError as e:
             how = "the text tower's own" if cfg.model.text.kind == "hf" else "the training captions"
             print(f"warning: {e}; rebuilding it from {how}, as the run first made it")
-    if cfg.model.text.kind == "hf":
+    if cfg.model.init_from:  # the checkpoint's own vocabulary, which its embeddings index
+        tok = Tokenizer.load(init_from_dir(cfg.model.init_from) / "tokenizer.json", ctx)
+    elif cfg.model.text.kind == "hf":
         tok = Tokenizer.load(resolve_hf_path(cfg.model.text.hf_path) / "tokenizer.json", ctx)
     else:
         tok = Tokenizer.train(train_ds.all_captions(), cfg.model.text.vocab_size, ctx)
@@ -190,7 +194,8 @@ def _is_checkpoint_file(entry: Path) -> bool:
 def _foreign_files(out: Path) -> list[str]:
     """The entries of ``out`` that no training run writes."""
     ckpt = out / "checkpoints"
-    top = [e.name + "/" * e.is_dir() for e in sorted(out.iterdir()) if not (_is_run_file(e) or e == ckpt and e.is_dir())]
+    top = [e.name + "/" * e.is_dir() for e in sorted(out.iterdir())
+           if not (_is_run_file(e) or e.name in ("checkpoints", TENSORBOARD_DIR) and e.is_dir())]
     if not ckpt.is_dir():
         return top
     return top + [f"checkpoints/{f.name}" for f in sorted(ckpt.iterdir()) if not _is_checkpoint_file(f)]
@@ -224,4 +229,6 @@ def start_demo_dir(out: Path) -> None:
             f.unlink()
         if ckpt.is_dir() and not any(ckpt.iterdir()):
             ckpt.rmdir()
+        if (events := out / TENSORBOARD_DIR).is_dir():  # train.report_to=tensorboard: the previous demo's events
+            shutil.rmtree(events)
     write_json(out / DEMO_MARKER, {"made_by": "polyalign demo", "started": time.strftime("%Y-%m-%d %H:%M:%S")})

@@ -14,12 +14,14 @@ from polyalign import distributed as dist
 from polyalign.app.lock import run_lock
 from polyalign.app.runs import evaluate_run, prepare_tokenizer, prepare_views, write_metrics
 from polyalign.config import Config, load_config, save_config
+from polyalign.config.checks import init_from_dir
 from polyalign.config.resume import changed_keys, check_resume_step, unsafe_changes, unsafe_message
 from polyalign.data.build import build_datasets
 from polyalign.data.loader import make_loader
 from polyalign.errors import ConfigError, PolyalignError
 from polyalign.losses.objective import Objective
 from polyalign.models.build import build_model
+from polyalign.models.hf_clip import load_clip_dir
 from polyalign.tokenizer import special_ids_of
 from polyalign.train.checkpoint import find_checkpoint
 from polyalign.train.files import truncate_log
@@ -28,6 +30,7 @@ from polyalign.train.fit import Job, fit
 from polyalign.train.meter import StepMeter
 from polyalign.train.optim import build_optimizer
 from polyalign.train.state import Checkpointer
+from polyalign.train.tensorboard import open_reporter
 
 
 def seed_everything(seed: int) -> None:
@@ -85,13 +88,16 @@ def _set_up(cfg: Config, out: Path, device, resume: bool, show_progress: bool) -
     tag_names = prepare_views(cfg, datasets, out, main, reuse=resumed)
     model = build_model(cfg.model, cfg.data.image_size, tokenizer.vocab_size, cfg.loss, tag_names,
                         special_ids_of(tokenizer)).to(device)
+    if cfg.model.init_from and not resumed:  # hf:DIR (a resumed run's checkpoint holds its weights)
+        load_clip_dir(model, init_from_dir(cfg.model.init_from))
     t0, train_ds = time.perf_counter(), datasets["train"]
     images = () if cfg.data.augment.enabled or "image" not in cfg.model.modalities else (  # augmented: never hit
         train_ds.image(i).float() / 255 for i in range(len(train_ds)))  # as the loader makes them
     if (n := model.prepare(tokenizer, train_ds.all_captions(), images)) and main:  # frozen pretrained towers
         print(f"cached the frozen towers' outputs for {n} captions and images in {time.perf_counter() - t0:.0f} s")
     optimizer, objective = build_optimizer(model, t), Objective(cfg.loss, cfg.model.modalities)
-    checkpointer = Checkpointer(out, model, optimizer, objective, cfg, datasets.get("val"), tokenizer)
+    reporter = open_reporter(t, out, last if resumed else 0, main)  # TensorBoard (train.report_to) or nothing
+    checkpointer = Checkpointer(out, model, optimizer, objective, cfg, datasets.get("val"), tokenizer, reporter)
     start = checkpointer.resume(last) if resumed else 0
     if resume and not resumed and main:
         print(f"no checkpoint in {checkpointer.dir}: starting from scratch")
@@ -103,7 +109,7 @@ def _set_up(cfg: Config, out: Path, device, resume: bool, show_progress: bool) -
     loader = make_loader(datasets["train"], tokenizer, t.batch_size, t.seed, start, cfg.data.num_workers,
                          dist.rank(), dist.world_size())
     model.train()
-    meter = StepMeter(t, out / "log.jsonl", start, main, show_progress)
+    meter = StepMeter(t, out / "log.jsonl", start, main, show_progress, reporter)
     job = Job(t, model, forward, optimizer, objective, iter(loader), checkpointer, meter, device, start)
     return job, datasets, tokenizer
 
@@ -123,6 +129,14 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, show_progress:
 def _train(cfg: Config, out: Path, device, resume: bool, show_progress: bool) -> dict:
     """``train`` inside the run directory's lock."""
     job, datasets, tokenizer = _set_up(cfg, out, device, resume, show_progress)
+    try:
+        return _fit_and_evaluate(cfg, out, job, datasets, tokenizer)
+    finally:
+        job.meter.reporter.close()
+
+
+def _fit_and_evaluate(cfg: Config, out: Path, job: Job, datasets: dict, tokenizer) -> dict:
+    """The fit loop, then (rank 0) the curves, the evaluation and ``metrics.json``."""
     step = fit(job)
     if not dist.is_main():
         dist.barrier()  # wait while rank 0 evaluates
@@ -140,6 +154,9 @@ def _train(cfg: Config, out: Path, device, resume: bool, show_progress: bool) ->
             r = ds.skip_report
             if r.n_skipped:
                 print(f"{split}: skipped {r.n_skipped} of {r.total} rows ({dict(r.skipped)}), e.g. {r.examples[0]}")
+    job.meter.reporter.scalars(step, metrics, "eval/")
+    if (examples := out / "retrieval_examples.png").is_file() and cfg.eval.n_examples:
+        job.meter.reporter.image("eval/retrieval_examples", examples, step)
     write_metrics(out, metrics)
     dist.barrier()
     return metrics

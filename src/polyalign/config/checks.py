@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import json
 from pathlib import Path
 
@@ -13,6 +14,9 @@ from polyalign.config.tables import (CHOICES, DATA_MODALITIES, FIRST_MODALITIES,
                                      LOSS_TERMS, RANGES, SECOND_MODALITIES, TEMPERATURE_TERMS)
 from polyalign.config.tree import check_choices, check_ranges
 from polyalign.errors import ConfigError
+
+TENSORBOARD_MISSING = ("train.report_to=tensorboard needs the tensorboard package, which is not installed: "
+                       "pip install tensorboard (or pip install 'polyalign[tensorboard]'), or set train.report_to=none")
 
 
 def validate(cfg: Config, for_training: bool = True) -> None:
@@ -46,8 +50,12 @@ def validate(cfg: Config, for_training: bool = True) -> None:
     _check_caption_fraction(cfg)
     if cfg.model.text.kind == "hf":
         _check_hf_context(cfg.model.text.context_length, _hf_config(cfg.model.text.hf_path))
+    if cfg.model.init_from and for_training:  # a trained run's weights are in its checkpoints
+        init_from_dir(cfg.model.init_from)
     if cfg.eval.rerank_k and cfg.eval.rerank_k < 10:
         raise ConfigError(f"eval.rerank_k must be 0 (off) or >= 10 (R@10 is reported), got {cfg.eval.rerank_k}")
+    if for_training and cfg.train.report_to == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError(TENSORBOARD_MISSING)
 
 
 def _check_heads(cfg: Config) -> None:
@@ -129,6 +137,15 @@ def _check_data_kind(cfg: Config, for_training: bool = True) -> None:
             what = "is a directory, not a JSONL or CSV manifest" if path.is_dir() else "does not exist"
             where = "" if path.is_absolute() else f" (relative to the working directory {Path.cwd()})"
             raise ConfigError(f"data.{key}: {path} {what}{where}")
+
+
+def init_from_dir(init_from: str) -> Path:
+    """The folder of ``model.init_from=hf:DIR``: a ``CLIPModel`` saved with its tokenizer (a ``ConfigError`` if not)."""
+    folder = Path(init_from[3:]) if init_from.startswith("hf:") else None
+    if folder is None or not (folder / "config.json").is_file() or not (folder / "tokenizer.json").is_file():
+        raise ConfigError(f"model.init_from={init_from!r}: give hf:DIR, a local CLIPModel folder with config.json "
+                          f"and tokenizer.json (polyalign export RUN --hf DIR writes one)")
+    return folder
 
 
 def resolve_hf_path(path: str) -> Path:

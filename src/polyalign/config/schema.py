@@ -81,7 +81,9 @@ class ImageEncoderConfig:
 @dataclass
 class TextEncoderConfig:
     kind: str = "transformer"  # transformer | hf
-    pool: str = ""  # cls | mean; "" = the encoder's own (mean for both)
+    pool: str = ""  # cls | mean | eos (the last real token, [SEP]); "" = the encoder's own (mean for both)
+    causal: bool = False  # transformer: token i attends to tokens <= i (CLIP's text tower; with pool=eos the run
+    # exports as HF CLIPModel: polyalign export RUN --hf OUT)
     width: int = 128
     layers: int = 2
     heads: int = 4
@@ -183,6 +185,9 @@ class ModelConfig:
     # ALBEF-style fusion model (soft masks, focal ITC), built instead of the dual encoder when any of the loss
     # terms itc, itm, mlm is on; those weights come from loss.weights (model.fusion.*_weight are ignored)
     fusion: FusionConfig = field(default_factory=FusionConfig)
+    # hf:DIR = start from a local transformers CLIPModel folder (its weights and tokenizer.json, e.g. from
+    # polyalign export --hf); needs vit + causal text towers of the checkpoint's sizes (models/hf_clip.py)
+    init_from: str = ""
 
 
 @dataclass
@@ -225,6 +230,7 @@ class TrainConfig:
     threads: int = 0  # 0 = leave torch's default
     compile: bool = False  # torch.compile the model's forward (first steps pay the compilation)
     grad_cache_chunk: int = 0  # > 0: gradient caching, sub-batches of this many rows per process (big batch, small memory)
+    report_to: str = "none"  # none | tensorboard: also write the logged scalars and pictures to RUN/tensorboard/
 
 
 @dataclass

@@ -35,7 +35,8 @@ def build_encoder(cfg: ModelConfig, modality: str, image_size: int, vocab_size: 
         tc = cfg.text
         if tc.kind == "hf":
             return HFTextEncoder(tc.hf_path, tc.lock, tc.cache, tc.train_layers)
-        return TextTransformer(vocab_size, tc.context_length, tc.width, tc.layers, tc.heads, tc.mlp_ratio, tc.dropout)
+        return TextTransformer(vocab_size, tc.context_length, tc.width, tc.layers, tc.heads, tc.mlp_ratio, tc.dropout,
+                               tc.causal)
     if modality == "audio":
         return AudioCNN(cfg.audio.width, cfg.audio.layers, n_mels=cfg.audio.n_mels, hop=cfg.audio.hop)
     if modality == "points":

@@ -62,6 +62,14 @@ def cmd_export(args) -> int:
     which = args.which
     if which == "auto":  # as polyalign.load: the best checkpoint when the run kept one
         which = "best" if (Path(args.run_dir) / "checkpoints" / "best.json").is_file() else "latest"
+    if getattr(args, "hf", None):
+        from polyalign.serve.hf_export import export_hf
+
+        info = export_hf(args.run_dir, args.hf, which=which)
+        diff = max(info["max_abs_diff"].values())
+        print(f"wrote {args.hf} ({info['class']}, step {info['step']}; transformers vs PyTorch max |diff| {diff:.2e}); "
+              f"load it: transformers.CLIPModel.from_pretrained({str(args.hf)!r})")
+        return 0
     info = export_onnx(args.run_dir, args.onnx, which=which)
     for name, tower in info["towers"].items():
         print(f"{name}: {tower['file']} (onnxruntime vs PyTorch max |diff| {tower['max_abs_diff']:.2e})")

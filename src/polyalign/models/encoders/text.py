@@ -10,17 +10,18 @@ from polyalign.models.encoders.transformer import Transformer
 
 
 class TextTransformer(nn.Module):
-    """A bidirectional Transformer over BPE ids; position 0 holds [CLS], padding is masked out of attention."""
+    """A Transformer over BPE ids; position 0 holds [CLS], the last real one [SEP], padding is masked out of attention.
+    Bidirectional, or ``causal`` (CLIP's text tower: with ``pool="eos"``, exportable as HF ``CLIPModel``)."""
 
     pool = "mean"  # measured: mean pooling escapes the early collapse faster than [CLS] on the demo budget
 
     def __init__(self, vocab_size: int, context_length: int, width: int, layers: int, heads: int,
-                 mlp_ratio: float = 4.0, dropout: float = 0.0):
+                 mlp_ratio: float = 4.0, dropout: float = 0.0, causal: bool = False):
         super().__init__()
-        self.width = width
+        self.width, self.causal = width, causal
         self.embed = nn.Embedding(vocab_size, width)
         self.pos = nn.Parameter(torch.randn(1, context_length, width) * 0.01)
-        self.transformer = Transformer(width, layers, heads, mlp_ratio, dropout)
+        self.transformer = Transformer(width, layers, heads, mlp_ratio, dropout, causal)
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         x = self.embed(ids) + self.pos[:, : ids.shape[1]]

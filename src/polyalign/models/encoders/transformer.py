@@ -1,4 +1,5 @@
-"""A pre-LayerNorm Transformer block on PyTorch's fused scaled-dot-product attention."""
+"""A pre-LayerNorm Transformer block on PyTorch's fused scaled-dot-product attention (the layout of HF's CLIP
+encoder layers, so a ViT / causal text tower maps onto ``transformers.CLIPModel`` exactly: serve/hf_export.py)."""
 from __future__ import annotations
 
 import torch
@@ -7,13 +8,14 @@ from torch import nn
 
 
 class Block(nn.Module):
-    """Pre-LN self-attention + MLP; ``mask`` (B, N) is True for real tokens, False for padding."""
+    """Pre-LN self-attention + MLP; ``mask`` (B, N) is True for real tokens, False for padding; ``causal``: token i
+    attends to tokens ≤ i only (CLIP's text tower)."""
 
-    def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0, dropout: float = 0.0):
+    def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0, dropout: float = 0.0, causal: bool = False):
         super().__init__()
         if width % heads:
             raise ValueError(f"width {width} is not divisible by heads {heads}")
-        self.heads, self.dropout = heads, dropout
+        self.heads, self.dropout, self.causal = heads, dropout, causal
         self.ln1 = nn.LayerNorm(width)
         self.qkv = nn.Linear(width, 3 * width)
         self.proj = nn.Linear(width, width)
@@ -26,7 +28,9 @@ class Block(nn.Module):
         B, N, D = x.shape
         q, k, v = self.qkv(self.ln1(x)).view(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
         attn_mask = None if mask is None else mask[:, None, None, :]  # (B, 1, 1, N): keys that may be attended
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
+        if self.causal and attn_mask is not None:  # (B, 1, N, N): real keys at or before the query
+            attn_mask = attn_mask & torch.ones(N, N, dtype=torch.bool, device=x.device).tril()
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=self.causal and attn_mask is None,
                                            dropout_p=self.dropout if self.training else 0.0)
         x = x + self.drop(self.proj(y.transpose(1, 2).reshape(B, N, D)))
         return x + self.drop(self.mlp(self.ln2(x)))
@@ -35,9 +39,10 @@ class Block(nn.Module):
 class Transformer(nn.Module):
     """A stack of :class:`Block` followed by a final LayerNorm."""
 
-    def __init__(self, width: int, layers: int, heads: int, mlp_ratio: float = 4.0, dropout: float = 0.0):
+    def __init__(self, width: int, layers: int, heads: int, mlp_ratio: float = 4.0, dropout: float = 0.0,
+                 causal: bool = False):
         super().__init__()
-        self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio, dropout) for _ in range(layers))
+        self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio, dropout, causal) for _ in range(layers))
         self.ln = nn.LayerNorm(width)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -9,15 +9,21 @@ from polyalign.distributed import GlobalBatchNorm2d
 
 
 def pool_tokens(tokens: torch.Tensor, mask: torch.Tensor | None, how: str) -> torch.Tensor:
-    """(B, N, D) → (B, D): ``cls`` takes token 0, ``mean`` averages the tokens where ``mask`` is True."""
+    """(B, N, D) → (B, D): ``cls`` takes token 0, ``mean`` averages the tokens where ``mask`` is True, ``eos`` takes the
+    last real token (``mask`` left-aligned, as the tokenizer makes it: [SEP], where CLIP's text tower pools)."""
     if how == "cls":
         return tokens[:, 0]
+    if how == "eos":
+        if mask is None:
+            return tokens[:, -1]
+        last = (mask.sum(1) - 1).clamp_min(0)  # (B,)
+        return tokens[torch.arange(tokens.shape[0], device=tokens.device), last]
     if how == "mean":
         if mask is None:
             return tokens.mean(1)
         m = mask.unsqueeze(-1).to(tokens.dtype)
         return (tokens * m).sum(1) / m.sum(1).clamp_min(1.0)
-    raise ValueError(f"unknown pooling {how!r} (cls | mean)")
+    raise ValueError(f"unknown pooling {how!r} (cls | mean | eos)")
 
 
 class ProjectionHead(nn.Module):
