@@ -10,6 +10,7 @@
     polyalign embed RUN_DIR [data.key=value ...] --modality M (--split S | --manifest M | --texts F) --out PREFIX
     polyalign data shapes --out DIR [--train-size N] [--test-size N]
     polyalign data speech --manifest M --out DIR [--voices v1,v2] [--captions-per-item K] [--limit N]
+    polyalign data shards --manifest M --out DIR [--shard-size N] [--label-fields a,b]
     polyalign data emoji --out DIR [--styles google,twitter,fluent,emojione] [--size N] [--source PATH ...] [--cache DIR]
     polyalign index RUN_DIR (--manifest M | --folder DIR | --split S) --out IDX [--kind flat|hnsw|ivfpq]
     polyalign search IDX "a red heart" [-k 10] [--image PATH] [--target image|text]
@@ -27,8 +28,8 @@ import importlib.metadata
 import signal
 import sys
 
-from polyalign.app.commands import (cmd_connect, cmd_data_emoji, cmd_data_shapes, cmd_data_speech, cmd_demo,
-                                    cmd_embed, cmd_eval, cmd_inspect_fdt, cmd_inspect_gradcam, cmd_sweep,
+from polyalign.app.commands import (cmd_connect, cmd_data_emoji, cmd_data_shapes, cmd_data_shards, cmd_data_speech,
+                                    cmd_demo, cmd_embed, cmd_eval, cmd_inspect_fdt, cmd_inspect_gradcam, cmd_sweep,
                                     cmd_table, cmd_train)
 from polyalign import __version__
 from polyalign.errors import PolyalignError
@@ -113,6 +114,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--limit", type=int, default=None, help="only the first N rows")
     sp.add_argument("--seed", type=int, default=0)
     sp.set_defaults(func=cmd_data_speech)
+    sd = gs.add_parser("shards", help="write a manifest's usable rows as webdataset-style tar shards "
+                                      "(KEY.png|jpg + KEY.json) and OUT/shards.json, for streaming")
+    sd.add_argument("--manifest", required=True, help="an image–text manifest (JSONL/CSV)")
+    sd.add_argument("--out", required=True, help="shard folder: OUT/00000.tar, ... and OUT/shards.json")
+    sd.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+    sd.add_argument("--label-fields", default="label", help="comma-separated label columns (default label)")
+    sd.set_defaults(func=cmd_data_shards)
     sw = sub.add_parser("sweep", help="train a recipe once per seed; write mean ± std of every metric")
     sw.add_argument("config", help="recipe YAML (see configs/)")
     sw.add_argument("overrides", nargs="*", default=[], help="dotted overrides applied to every seed")

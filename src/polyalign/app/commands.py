@@ -199,6 +199,19 @@ def cmd_data_speech(args) -> int:
     return 0
 
 
+def cmd_data_shards(args) -> int:
+    from polyalign.data.shards import INDEX, write_shards
+
+    fields = tuple(f.strip() for f in args.label_fields.split(",") if f.strip())
+    index = write_shards(args.manifest, args.out, args.shard_size, label_fields=fields)
+    skipped = index["skipped"]
+    n_skipped = sum(skipped["skipped"].values())
+    why = f"; skipped {n_skipped} ({skipped['skipped']}), e.g. {skipped['examples'][0]}" if n_skipped else ""
+    print(f"wrote {len(index['shards'])} shards, {index['samples']} samples from {skipped['total']} rows{why}; "
+          f"listing: {Path(args.out) / INDEX}")
+    return 0
+
+
 def cmd_inspect_fdt(args) -> int:
     from polyalign.app.inspect_fdt import inspect_fdt
 

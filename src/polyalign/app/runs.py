@@ -146,7 +146,8 @@ def evaluate_run(cfg: Config, model: torch.nn.Module, tok: Tokenizer, datasets: 
         return {}
     e = cfg.eval
     with torch.random.fork_rng():  # evaluation must not move the training RNG (exact resume)
-        metrics = evaluate(model, tok, datasets["train"], test, batch_size=e.batch_size,
+        probe = datasets["val"] if cfg.data.name == "shards" else datasets["train"]  # streamed train: no items
+        metrics = evaluate(model, tok, probe, test, batch_size=e.batch_size,
                            zeroshot_fields=e.zeroshot_fields or None, templates=e.templates or None,
                            probe_field=e.probe_field or None, probe_max_train=e.probe_max_train,
                            max_captions=e.max_captions, chunk_size=e.chunk_size, precision=e.precision, out_dir=run_dir,

@@ -17,7 +17,7 @@ from polyalign.config import Config, load_config, save_config
 from polyalign.config.checks import init_from_dir
 from polyalign.config.resume import changed_keys, check_resume_step, unsafe_changes, unsafe_message
 from polyalign.data.build import build_datasets
-from polyalign.data.loader import make_loader
+from polyalign.data.loader import make_loader, make_stream_loader
 from polyalign.errors import ConfigError, PolyalignError
 from polyalign.losses.objective import Objective
 from polyalign.models.build import build_model
@@ -91,7 +91,8 @@ def _set_up(cfg: Config, out: Path, device, resume: bool, show_progress: bool) -
     if cfg.model.init_from and not resumed:  # hf:DIR (a resumed run's checkpoint holds its weights)
         load_clip_dir(model, init_from_dir(cfg.model.init_from))
     t0, train_ds = time.perf_counter(), datasets["train"]
-    images = () if cfg.data.augment.enabled or "image" not in cfg.model.modalities else (  # augmented: never hit
+    streamed = cfg.data.name == "shards"  # an endless stream of samples: no len, no image(i)
+    images = () if cfg.data.augment.enabled or "image" not in cfg.model.modalities or streamed else (  # augmented: never hit
         train_ds.image(i).float() / 255 for i in range(len(train_ds)))  # as the loader makes them
     if (n := model.prepare(tokenizer, train_ds.all_captions(), images)) and main:  # frozen pretrained towers
         print(f"cached the frozen towers' outputs for {n} captions and images in {time.perf_counter() - t0:.0f} s")
@@ -106,8 +107,12 @@ def _set_up(cfg: Config, out: Path, device, resume: bool, show_progress: bool) -
                if dist.world_size() > 1 else model)
     if t.compile:  # weights stay shared with ``model``, which checkpoints and evaluation use
         forward = torch.compile(forward)
-    loader = make_loader(datasets["train"], tokenizer, t.batch_size, t.seed, start, cfg.data.num_workers,
-                         dist.rank(), dist.world_size())
+    if streamed:  # resuming restarts the stream at epoch 0: not yet the exact resume of the in-memory data
+        train_ds.rank, train_ds.world = dist.rank(), dist.world_size()
+        loader = make_stream_loader(train_ds, tokenizer, t.batch_size, cfg.data.num_workers, dist.world_size())
+    else:
+        loader = make_loader(train_ds, tokenizer, t.batch_size, t.seed, start, cfg.data.num_workers,
+                             dist.rank(), dist.world_size())
     model.train()
     meter = StepMeter(t, out / "log.jsonl", start, main, show_progress, reporter)
     job = Job(t, model, forward, optimizer, objective, iter(loader), checkpointer, meter, device, start)

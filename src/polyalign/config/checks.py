@@ -124,12 +124,14 @@ def _check_data_kind(cfg: Config, for_training: bool = True) -> None:
     for key, kinds in DATA_KIND_SWITCHES.items():
         if getattr(d, key) and d.name not in kinds:
             raise ConfigError(f"data.{key}=true applies to data.name={' | '.join(kinds)}, not {d.name}")
-    if d.name not in ("manifest", "speech"):
+    if d.name == "shards":
+        _check_shards(cfg, for_training)
+    elif d.name not in ("manifest", "speech"):
         if for_training and cfg.train.batch_size > d.train_size:
             raise ConfigError(f"train.batch_size ({cfg.train.batch_size}) must be <= data.train_size ({d.train_size}): "
                               "a step takes one batch of distinct training items")
         return
-    if not d.train_manifest:
+    elif not d.train_manifest:
         raise ConfigError(f"data.name={d.name} needs data.train_manifest (a JSONL or CSV file)")
     for key in ("train_manifest", "val_manifest", "test_manifest") if for_training else ():
         path = Path(getattr(d, key))
@@ -137,6 +139,22 @@ def _check_data_kind(cfg: Config, for_training: bool = True) -> None:
             what = "is a directory, not a JSONL or CSV manifest" if path.is_dir() else "does not exist"
             where = "" if path.is_absolute() else f" (relative to the working directory {Path.cwd()})"
             raise ConfigError(f"data.{key}: {path} {what}{where}")
+
+
+def _check_shards(cfg: Config, for_training: bool) -> None:
+    """data.name=shards: the shards, a val manifest (validation loss, linear probe), and no per-sample views yet."""
+    d = cfg.data
+    if not d.shards:
+        raise ConfigError("data.name=shards needs data.shards: DIR/{00000..00099}.tar or DIR (polyalign data shards)")
+    if not d.val_manifest:
+        raise ConfigError("data.name=shards needs data.val_manifest: the validation loss and the linear probe read a "
+                          "manifest (the training shards are streamed)")
+    views = sorted(cfg.loss.active() & {"image_image", "text_text", "tags"})
+    if d.augment.enabled or views:
+        what = ", ".join(["data.augment.enabled"] * d.augment.enabled + [f"loss.weights.{v}" for v in views])
+        raise ConfigError(f"data.name=shards streams plain (image, caption) samples: {what} is not supported yet")
+    if for_training and not Path(d.shards.split("{")[0]).exists():
+        raise ConfigError(f"data.shards: {d.shards.split('{')[0]} does not exist")
 
 
 def init_from_dir(init_from: str) -> Path:

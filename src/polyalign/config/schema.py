@@ -26,7 +26,7 @@ class AugmentConfig:
 
 @dataclass
 class DataConfig:
-    name: str = "shapes"  # shapes | manifest | shapes_audio | speech | shapes3d (modalities: DATA_MODALITIES)
+    name: str = "shapes"  # shapes | manifest | shards | shapes_audio | speech | shapes3d (modalities: DATA_MODALITIES)
     image_size: int = 48
     num_workers: int = 0  # 0 = load in the training process (fastest for in-memory data on 2 cores)
     cache_dir: str = "cache"
@@ -47,6 +47,9 @@ class DataConfig:
     test_manifest: str = ""
     label_fields: list[str] = field(default_factory=lambda: ["label"])  # manifest columns holding class names
     max_bad_fraction: float = 0.01
+    # shards (streamed training data of `polyalign data shards`; val/test: val_manifest, test_manifest)
+    shards: str = ""  # DIR/{00000..00099}.tar, or the folder DIR (its shards.json)
+    shuffle_buffer: int = 1000  # samples held for shuffling, per loader worker
     # views for intra-modal objectives (MCT); augmentation also applies to the image the inter-modal loss sees
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     # the two views of the image_image term, when enabled (off: both views come from data.augment, the first being

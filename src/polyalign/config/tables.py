@@ -5,7 +5,7 @@ from __future__ import annotations
 from polyalign.config.tree import Range
 
 CHOICES = {
-    "data.name": ("shapes", "manifest", "shapes_audio", "speech", "shapes3d"),
+    "data.name": ("shapes", "manifest", "shards", "shapes_audio", "speech", "shapes3d"),
     "model.image.kind": ("vit", "cnn", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"),
     "model.text.kind": ("transformer", "hf"),
     "model.audio.kind": ("cnn",),
@@ -27,7 +27,8 @@ CHOICES = {
 
 FIRST_MODALITIES, SECOND_MODALITIES = ("image", "audio", "points"), ("text", "image")
 DATA_MODALITIES = {  # what each data.name provides per item
-    "shapes": ("image", "text"), "manifest": ("image", "text"), "shapes_audio": ("audio", "text"),
+    "shapes": ("image", "text"), "manifest": ("image", "text"), "shards": ("image", "text"),
+    "shapes_audio": ("audio", "text"),
     "speech": ("audio", "text"), "shapes3d": ("points", "image", "text"),
 }
 LOSS_TERMS = ("clip", "image_image", "text_text", "tags", "fdt", "itc", "itm", "mlm")  # loss.weights.<name>
@@ -40,7 +41,7 @@ PROBABILITY, BELOW_ONE = Range(0, 1), Range(0, 1, hi_open=True)  # BELOW_ONE: dr
 SEED = Range(0, 2**32 - 1)  # numpy's seed range (the data seeds are used modulo 2**32: larger ones would repeat)
 RANGES = {  # every numeric key → its allowed values (a tuple: each element; a dict: each value); NaN/inf never pass
     **dict.fromkeys((
-        "data.image_size", "data.train_size", "data.n_points", "data.views", "data.max_tags", "model.embed_dim",
+        "data.image_size", "data.train_size", "data.shuffle_buffer", "data.n_points", "data.views", "data.max_tags", "model.embed_dim",
         "model.image.width", "model.image.layers", "model.image.heads", "model.image.patch_size",
         "model.image.mlp_ratio", "model.text.width", "model.text.layers", "model.text.heads", "model.text.vocab_size",
         "model.text.mlp_ratio", "model.audio.width", "model.audio.layers", "model.audio.n_mels", "model.audio.hop",

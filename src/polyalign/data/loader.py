@@ -79,6 +79,18 @@ def make_loader(dataset, tokenizer, batch_size: int, seed: int, start_step: int,
                                        prefetch_factor=4 if num_workers else None)
 
 
+def make_stream_loader(stream, tokenizer, batch_size: int, num_workers: int,
+                       world_size: int = 1) -> torch.utils.data.DataLoader:
+    """An endless loader of this rank's batches (``batch_size // world_size`` samples) from a ``stream.ShardStream``;
+    each batch comes from one worker's shards."""
+    if batch_size % world_size:
+        raise DataError(f"train.batch_size ({batch_size}) is not divisible by the world size ({world_size})")
+    return torch.utils.data.DataLoader(stream, batch_size=batch_size // world_size, collate_fn=Collator(tokenizer),
+                                       num_workers=num_workers, drop_last=True,
+                                       pin_memory=torch.cuda.is_available(),
+                                       prefetch_factor=4 if num_workers else None)
+
+
 def to_model_inputs(batch: dict, device: torch.device | str = "cpu") -> dict:
     """Tensors to the device; uint8 pixels → float in [0, 1] (once per batch, not per sample in the loader)."""
     batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}

@@ -187,7 +187,7 @@ def too_large(e: Image.DecompressionBombError) -> str:
             f"decompression bombs): shrink the image")
 
 
-def _parse_row(row: dict | BadRow, root: Path, image_size: int, label_fields: tuple[str, ...],
+def parse_row(row: dict | BadRow, root: Path, image_size: int, label_fields: tuple[str, ...],
                notes: list[str]) -> tuple[np.ndarray, list[str], dict[str, str], list[str]]:
     """(image, captions, {field: class name}, tags) of one manifest row, or BadRow with the reason."""
     if isinstance(row, BadRow):
@@ -231,7 +231,7 @@ class ManifestDataset(ImageTextDataset):
             for number, row in tqdm(rows, desc=f"loading {path.name}", unit="row",
                                     disable=not show_progress or len(rows) < PROGRESS_MIN_ROWS):
                 try:
-                    image, caps, label, tags = _parse_row(row, path.parent, image_size, label_fields, notes)
+                    image, caps, label, tags = parse_row(row, path.parent, image_size, label_fields, notes)
                 except BadRow as e:
                     self.skip_report.skip(e.reason, f"{path.name}:{number}", e.detail)
                     continue
