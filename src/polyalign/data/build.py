@@ -32,22 +32,16 @@ def build_datasets(cfg: DataConfig, sample_seed: int, show_progress: bool = True
             if path:
                 out[split] = SpeechManifest(path, max_bad_fraction=cfg.max_bad_fraction,
                                             label_fields=cfg.label_fields, label_names=train.label_names)
-    elif cfg.name == "shards":  # streamed training data; val and test are manifests
-        from polyalign.data.manifest import ManifestDataset
-        from polyalign.data.stream import ShardStream
-
-        train = ShardStream(cfg.shards, cfg.image_size, seed=sample_seed, buffer=cfg.shuffle_buffer)
-        out = {"train": train}
-        for split, path in (("val", cfg.val_manifest), ("test", cfg.test_manifest)):
-            if path:
-                out[split] = ManifestDataset(path, cfg.image_size, max_bad_fraction=cfg.max_bad_fraction,
-                                             label_names=train.label_names, show_progress=show_progress,
-                                             label_fields=cfg.label_fields)
-    else:
+    else:  # a manifest, or streamed shards (data.name=shards); val and test are manifests either way
         from polyalign.data.manifest import ManifestDataset
 
-        train = ManifestDataset(cfg.train_manifest, cfg.image_size, max_bad_fraction=cfg.max_bad_fraction,
-                                show_progress=show_progress, label_fields=cfg.label_fields)
+        if cfg.name == "shards":
+            from polyalign.data.stream import ShardStream
+
+            train = ShardStream(cfg.shards, cfg.image_size, seed=sample_seed, buffer=cfg.shuffle_buffer)
+        else:
+            train = ManifestDataset(cfg.train_manifest, cfg.image_size, max_bad_fraction=cfg.max_bad_fraction,
+                                    show_progress=show_progress, label_fields=cfg.label_fields)
         out = {"train": train}
         for split, path in (("val", cfg.val_manifest), ("test", cfg.test_manifest)):
             if path:
