@@ -216,7 +216,7 @@ TINY = ["model.embed_dim=16", "model.image.width=32", "model.image.layers=1", "m
         "train.threads=1", "eval.probe_max_train=16", "eval.n_examples=0", "data.image_size=16"]
 
 
-def test_train_streams_from_shards(manifest, tmp_path):
+def test_train_streams_from_shards(manifest, tmp_path, capsys):
     from polyalign.config import load_config
     from polyalign.errors import ConfigError
 
@@ -229,6 +229,10 @@ def test_train_streams_from_shards(manifest, tmp_path):
     assert main(["train", RECIPE, *data, *TINY, "--out", str(tmp_path / "run")]) == 0
     metrics = json.loads((tmp_path / "run/metrics.json").read_text())
     assert metrics["train/steps"] == 3 and "retrieval/t2i_R@1" in metrics
+    capsys.readouterr()
+    more = [o for o in TINY if not o.startswith("train.max_steps")] + ["train.max_steps=4"]
+    assert main(["train", RECIPE, *data, *more, "--out", str(tmp_path / "run"), "--resume"]) == 0
+    assert "the stream restarts at its first epoch" in capsys.readouterr().err  # not exact: said, not hidden
     with pytest.raises(ConfigError, match="val_manifest"):
         load_config(RECIPE, ["data.name=shards", f"data.shards={out}"])
     with pytest.raises(ConfigError, match="not supported yet"):

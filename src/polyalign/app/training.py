@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import sys
 import time
 from pathlib import Path
 
@@ -108,6 +109,9 @@ def _set_up(cfg: Config, out: Path, device, resume: bool, show_progress: bool) -
     if t.compile:  # weights stay shared with ``model``, which checkpoints and evaluation use
         forward = torch.compile(forward)
     if streamed:  # resuming restarts the stream at epoch 0: not yet the exact resume of the in-memory data
+        if resumed and main:
+            print(f"warning: resuming a streamed (data.name=shards) run at step {start}: the stream restarts at its "
+                  "first epoch, so this run will not match an uninterrupted one sample for sample", file=sys.stderr)
         train_ds.rank, train_ds.world = dist.rank(), dist.world_size()
         loader = make_stream_loader(train_ds, tokenizer, t.batch_size, cfg.data.num_workers, dist.world_size())
     else:

@@ -68,15 +68,19 @@ class Collator:
         return batch
 
 
+def _data_loader(data, tokenizer, num_workers: int, **how) -> torch.utils.data.DataLoader:
+    """The collating, pinning and prefetching every training loader shares; ``how`` says how batches are drawn."""
+    return torch.utils.data.DataLoader(data, collate_fn=Collator(tokenizer), num_workers=num_workers,
+                                       pin_memory=torch.cuda.is_available(),  # lets the copy to the GPU overlap
+                                       prefetch_factor=4 if num_workers else None, **how)
+
+
 def make_loader(dataset, tokenizer, batch_size: int, seed: int, start_step: int, num_workers: int,
                 rank: int = 0, world_size: int = 1) -> torch.utils.data.DataLoader:
     """An endless loader of this rank's batches from ``start_step`` on."""
     sampler = GlobalBatchSampler(len(dataset), batch_size, seed, start_step, rank, world_size)
-    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=Collator(tokenizer),
-                                       num_workers=num_workers, persistent_workers=False,
-                                       pin_memory=torch.cuda.is_available(),  # lets the copy to the GPU overlap
-                                       generator=torch.Generator().manual_seed(seed),  # keep the global RNG untouched
-                                       prefetch_factor=4 if num_workers else None)
+    return _data_loader(dataset, tokenizer, num_workers, batch_sampler=sampler, persistent_workers=False,
+                        generator=torch.Generator().manual_seed(seed))  # keep the global RNG untouched
 
 
 def make_stream_loader(stream, tokenizer, batch_size: int, num_workers: int,
@@ -85,10 +89,7 @@ def make_stream_loader(stream, tokenizer, batch_size: int, num_workers: int,
     each batch comes from one worker's shards."""
     if batch_size % world_size:
         raise DataError(f"train.batch_size ({batch_size}) is not divisible by the world size ({world_size})")
-    return torch.utils.data.DataLoader(stream, batch_size=batch_size // world_size, collate_fn=Collator(tokenizer),
-                                       num_workers=num_workers, drop_last=True,
-                                       pin_memory=torch.cuda.is_available(),
-                                       prefetch_factor=4 if num_workers else None)
+    return _data_loader(stream, tokenizer, num_workers, batch_size=batch_size // world_size, drop_last=True)
 
 
 def to_model_inputs(batch: dict, device: torch.device | str = "cpu") -> dict:
