@@ -19,10 +19,10 @@ from pathlib import Path
 import torch
 
 from polyalign.errors import PolyalignError
+from polyalign.models.encoders.image import MEAN, STD  # the in-tower normalisation
 from polyalign.models.hf_clip import clip_mismatch, clip_state_dict
 from polyalign.train.files import write_json
 
-MEAN, STD = 0.5, 0.25  # polyalign.models.encoders.image's in-tower normalisation
 CAPTIONS = ["a red heart", "two small blue stars on a white background", "a green triangle", "x"]
 TOLERANCE = 1e-5
 
@@ -125,7 +125,7 @@ def export_hf(run_dir, out, which: str = "latest") -> dict:
     info = {"format": "polyalign-hf", "class": "CLIPModel", "run": str(run_dir),
             "step": int(find_checkpoint(run_dir / "checkpoints", which)), "max_abs_diff": diffs,
             "logit_scale": math.exp(clip.config.logit_scale_init_value),
-            "preprocessing": "images: CLIPImageProcessor (mean 0.5, std 0.25 after /255); text: AutoTokenizer with "
+            "preprocessing": f"images: CLIPImageProcessor (mean {MEAN}, std {STD} after /255); text: AutoTokenizer with "
                              f"padding='max_length', truncation=True, max_length={tok.context_length}"}
     stage = out.parent / f".{out.name}.hf-export.tmp{os.getpid()}"
     shutil.rmtree(stage, ignore_errors=True)
