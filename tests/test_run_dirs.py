@@ -68,7 +68,9 @@ def test_a_second_run_into_a_training_directory_is_refused_and_a_killed_runs_loc
         while not (out / "checkpoints" / "latest.json").exists() and time.time() < deadline:
             time.sleep(0.05)
         assert find_checkpoint(out / "checkpoints") is not None, "the first run never checkpointed"
-        before = {k: v for k, v in _snapshot(out).items() if k in ("config.yaml", "tokenizer.json", ".lock")}
+        # only the files a second run could clobber: the live run keeps renaming its checkpoint temp files
+        held = ("config.yaml", "tokenizer.json", ".lock")
+        before = {k: (out / k).read_bytes() for k in held}
         started = json.loads(before[".lock"])["started"]  # the holder's record: command, PID, host, start time
         for extra in ([], ["--resume"]):  # a new run, and a --resume while the first still trains
             assert main(["train", recipe, *over, "--out", str(out), *extra]) == 1
@@ -76,7 +78,7 @@ def test_a_second_run_into_a_training_directory_is_refused_and_a_killed_runs_loc
             assert f"is in use by polyalign train (PID {first.pid} on " in err and f"started {started})" in err, err
         assert main(["eval", str(out)]) == 0  # evaluating a running run works, and leaves its files to it
         assert "metrics.json left as it is" in capsys.readouterr().err and not (out / "metrics.json").exists()
-        assert {k: v for k, v in _snapshot(out).items() if k in before} == before
+        assert {k: (out / k).read_bytes() for k in held} == before
         os.kill(first.pid, signal.SIGKILL)  # the training process alone: its loader worker ends by itself, later
         first.wait()
         step = find_checkpoint(out / "checkpoints")
