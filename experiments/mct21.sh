@@ -8,7 +8,9 @@
 #   python experiments/mct21_report.py runs/mct21   # the tables
 #   SMOKE=1 OUT=/tmp/mct21-smoke bash experiments/mct21.sh   # 2 steps, small data: checks the pipeline end to end
 # Env: OUT (runs/mct21), POLYALIGN (polyalign), PYTHON (python), SEEDS ("0 1 2"), JOBS (2), DATASETS ("emoji shapes"),
-# VIEW_ROWS (1: emoji also runs intra + inter and image-intra with SimCLR view positives, the control of the style ones).
+# VIEW_ROWS (1: emoji also runs intra + inter and image-intra with SimCLR view positives, the control of the style ones),
+# ROWS ("tags text intra-inter inter": the captioned rows, in launch order), IMAGE_ROW (1: also the image-intra row).
+# A partial pass first (ROWS="inter intra-inter") gives the core comparison on every seed early; rerun for the rest.
 # Finished runs (metrics.json) are skipped, killed ones resumed from their last checkpoint; each run's output is in
 # RUN.log and its wall time in seconds in RUN.wall.
 # Layout: OUT/<dataset>/<f1|f0.05|f0.1>/<row>/seed-<s>; OUT/<dataset>/image[-view]/seed-<s> (the image-intra rows read no
@@ -19,6 +21,8 @@ read -ra PA <<< "${POLYALIGN:-polyalign}"  # may be a command line: "python -m p
 read -ra PY <<< "${PYTHON:-python}"
 OUT=${OUT:-runs/mct21}
 SEEDS=${SEEDS:-0 1 2}
+ROWS=${ROWS:-tags text intra-inter inter}
+IMAGE_ROW=${IMAGE_ROW:-1}
 JOBS=${JOBS:-2}
 VIEW_ROWS=${VIEW_ROWS:-1}  # emoji: also the control rows with view positives (intra_positive=view)
 DATASETS=${DATASETS:-emoji shapes}
@@ -93,12 +97,12 @@ slot() {  # wait until fewer than JOBS runs are going
 for ds in $DATASETS; do
   f=${FRACTION[$ds]}
   for s in $SEEDS; do
-    for row in tags text intra-inter inter; do
+    for row in $ROWS; do
       for frac in f1 "f$f"; do
         slot; train_one "$ds" "configs/mct21/$ds-$frac-$row.yaml" "$OUT/$ds/$frac/$row/seed-$s" "$s" &
       done
     done
-    slot; train_one "$ds" "configs/mct21/$ds-f1-image.yaml" "$OUT/$ds/image/seed-$s" "$s" &
+    [[ $IMAGE_ROW != 1 ]] || { slot; train_one "$ds" "configs/mct21/$ds-f1-image.yaml" "$OUT/$ds/image/seed-$s" "$s" & }
     if [[ $ds == emoji && $VIEW_ROWS == 1 ]]; then  # controls: SimCLR's own-image positives instead of the style ones
       for frac in f1 "f$f"; do
         slot; train_one emoji "configs/mct21/emoji-$frac-intra-inter-view.yaml" "$OUT/emoji/$frac/intra-inter-view/seed-$s" \
