@@ -3,6 +3,7 @@ the job to the fit loop (``polyalign.train.fit``), then draw the curves, evaluat
 from __future__ import annotations
 
 import contextlib
+import itertools
 import random
 import sys
 import time
@@ -18,7 +19,7 @@ from polyalign.config import Config, load_config, save_config
 from polyalign.config.checks import init_from_dir
 from polyalign.config.resume import changed_keys, check_resume_step, unsafe_changes, unsafe_message
 from polyalign.data.build import build_datasets
-from polyalign.data.loader import make_loader, make_stream_loader
+from polyalign.data.loader import make_loader, make_stream_loader, to_model_inputs
 from polyalign.errors import ConfigError, PolyalignError
 from polyalign.losses.objective import Objective
 from polyalign.models.build import build_model
@@ -118,9 +119,30 @@ def _set_up(cfg: Config, out: Path, device, resume: bool, show_progress: bool) -
         loader = make_loader(train_ds, tokenizer, t.batch_size, t.seed, start, cfg.data.num_workers,
                              dist.rank(), dist.world_size())
     model.train()
+    batches = iter(loader)
+    if cfg.model.fdt.t_fdt_auto == "active" and model.has_fdt and not resumed:  # (a resumed run's T is in its checkpoint)
+        first = next(batches)
+        _calibrate_fdt(model, to_model_inputs(first, device), cfg.model.fdt.active_target, device, main)
+        batches = itertools.chain([first], batches)  # the loop still trains on it
     meter = StepMeter(t, out / "log.jsonl", start, main, show_progress, reporter)
-    job = Job(t, model, forward, optimizer, objective, iter(loader), checkpointer, meter, device, start)
+    job = Job(t, model, forward, optimizer, objective, batches, checkpointer, meter, device, start)
     return job, datasets, tokenizer
+
+
+def _calibrate_fdt(model, batch: dict, target: float, device, main: bool) -> None:
+    """``model.fdt.t_fdt_auto=active``: T_fdt such that ``target`` of the codebook is active on the first batch (each
+    rank's batch; DDP: the mean log T). Side-effect free otherwise: the random state and every other buffer
+    (BatchNorm statistics) are as they were."""
+    saved = {k: v.clone() for k, v in model.named_buffers()}
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        q_image, q_text, mask = model.fdt_queries(batch)
+    for k, v in model.named_buffers():
+        v.copy_(saved[k])
+    t = model.fdt.calibrate(q_image, q_text, mask, target, reduce=lambda x: dist.mean_over_ranks(x.to(device)).cpu())
+    if main:
+        got = model.fdt.active_fraction(q_image, q_text, mask)
+        print(f"FDT: T_fdt = {t:.4g} (calibrated on the first batch: {got:.1%} of the {model.fdt.codebook.num_embeddings} "
+              f"entries active, target {target:.0%})")
 
 
 def train(cfg: Config, out_dir: str | Path, resume: bool = False, show_progress: bool = True) -> dict:

@@ -230,6 +230,9 @@ def _check_fdt(f: FdtConfig) -> None:
     lo, hi = f.logit_scale_range
     if not 0 < lo <= hi:
         raise ConfigError(f"model.fdt.logit_scale_range must be (low, high) with 0 < low <= high, got {(lo, hi)}")
+    if f.t_fdt_auto == "active" and f.norm != "sparsemax":
+        raise ConfigError(f"model.fdt.t_fdt_auto=active calibrates how many entries sparsemax keeps; with "
+                          f"model.fdt.norm={f.norm} every entry is active: use norm=sparsemax or another t_fdt_auto")
 
 
 def check_augment_config(cfg: AugmentConfig, section: str = "data.augment") -> None:

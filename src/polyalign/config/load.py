@@ -33,6 +33,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), for_t
         set_key(cfg, *parse_override(text))
     if "image_image" not in cfg.loss.temperatures:  # written out, so a saved config.yaml names the value it ran with
         cfg.loss.temperatures = {"image_image": cfg.loss.temperature("image_image"), **cfg.loss.temperatures}
+    if cfg.model.fdt.anneal != 1 and not cfg.model.fdt.anneal_steps:  # written out: the schedule a run used
+        cfg.model.fdt.anneal_steps = cfg.train.max_steps
     validate(cfg, for_training)
     return cfg
 

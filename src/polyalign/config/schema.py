@@ -132,7 +132,15 @@ class FdtConfig:
     """FDT head (arXiv 2303.14865), built only when ``loss.weights.fdt`` > 0."""
     codebook_size: int = 1024  # C, entries of the shared codebook (authors: 16384 on CC3M)
     dim: int = 0  # D, width of the codebook; 0 = model.embed_dim
-    t_fdt: float = 1000.0  # fixed temperature dividing the relevance (authors' value; starts near-uniform, all active)
+    t_fdt: float = 1000.0  # temperature dividing the relevance (authors' value, at their C = 16,384)
+    # how T_fdt is set: "" = t_fdt as given; "scaled" = t_fdt · C / 16,384 (the authors' sparsity at our codebook size:
+    # the active count follows C · std(r), so a 16× smaller C needs a 16× smaller T); "active" = chosen at step 0 on the
+    # first training batch (bisection) so that ``active_target`` of the C entries are active, mean over its images and
+    # captions (kept in the checkpoint; a resumed run keeps it)
+    t_fdt_auto: str = ""
+    active_target: float = 0.3  # "active": the fraction active at initialisation (the authors' ≈ 0.3 at C = 16,384)
+    anneal: float = 1.0  # T_fdt at the end of the schedule as a multiple of its start, geometric in between; 1 = fixed
+    anneal_steps: int = 0  # steps the anneal takes (then T stays); 0 = train.max_steps (written in by load_config)
     norm: str = "sparsemax"  # sparsemax | softmax | sigmoid: scores over the codebook → weights
     pool: str = "max"  # max | mean: over the patches / words
     chunk: int = 16  # max pooling: tokens per chunk (memory O(B·chunk·C)); 0 = all at once (O(B·N·C))
@@ -181,6 +189,8 @@ class ModelConfig:
     max_logit_scale: float = 100.0
     intra_dim: int = 128  # output of the MLP heads of the intra-modal (view–view) objectives
     inter_head: str = "linear"  # projection of each tower into the shared space: linear | mlp (Linear-GELU-Linear, MCT)
+    # | max (FDT's pooling without its codebook: every token through FDT's query MLP, then max over the real tokens;
+    # image patches without a ViT's [CLS]) — the control that separates FDT's codebook from its max pooling
     text_momentum: float = 0.0  # text_text: > 0 = the second caption view goes through an EMA copy of the text
     # tower and head with this momentum (MCT's momentum text encoder; e.g. 0.99); 0 = through the tower itself
     moco: MocoConfig = field(default_factory=MocoConfig)

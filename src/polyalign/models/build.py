@@ -18,7 +18,7 @@ from polyalign.models.encoders.text import HFTextEncoder, TextTransformer
 from polyalign.models.fusion import FusionModel
 from polyalign.models.heads.fdt import FDTHead
 from polyalign.models.heads.momentum import MomentumEncoder, MomentumTower
-from polyalign.models.heads.projection import MLPHead, ProjectionHead
+from polyalign.models.heads.projection import MLPHead, ProjectionHead, TokenMaxHead
 from polyalign.models.interface import Model
 
 
@@ -72,8 +72,17 @@ def build_fdt_head(cfg: ModelConfig, image_width: int, text_width: int) -> FDTHe
     starts at CLIP's initial one (clamped to its range)."""
     f = cfg.fdt
     clip_scale = math.exp(torch.tensor(math.log(1.0 / cfg.init_temperature)).item())  # as the float32 parameter
-    return FDTHead(image_width, text_width, f.codebook_size, f.dim or cfg.embed_dim, f.t_fdt, f.norm, f.pool,
-                   f.chunk, clip_scale, f.logit_scale_range)
+    return FDTHead(image_width, text_width, f.codebook_size, f.dim or cfg.embed_dim, fdt_temperature(f), f.norm,
+                   f.pool, f.chunk, clip_scale, f.logit_scale_range, f.anneal, f.anneal_steps)
+
+
+AUTHORS_CODEBOOK = 16384  # the codebook size of the FDT paper's t_fdt = 1,000 (CC3M)
+
+
+def fdt_temperature(f) -> float:
+    """T_fdt at construction: ``t_fdt``, or with ``t_fdt_auto=scaled`` ``t_fdt · C / 16,384``. (``active``
+    starts from ``t_fdt`` too; the trainer calibrates it on the first batch.)"""
+    return f.t_fdt * f.codebook_size / AUTHORS_CODEBOOK if f.t_fdt_auto == "scaled" else f.t_fdt
 
 
 def build_model(cfg: ModelConfig, image_size: int, vocab_size: int, loss: LossConfig | None = None,
@@ -90,8 +99,12 @@ def build_model(cfg: ModelConfig, image_size: int, vocab_size: int, loss: LossCo
                            vocab_size, special_ids)
     encoders = tuple(build_encoder(cfg, m, image_size, vocab_size) for m in cfg.modalities)
     pools = [getattr(cfg, m).pool or e.pool for m, e in zip(cfg.modalities, encoders)]
-    mlp = cfg.inter_head == "mlp"
-    heads = tuple(ProjectionHead(e.width, cfg.embed_dim, p, mlp) for e, p in zip(encoders, pools))
+    if cfg.inter_head == "max":  # FDT's max pooling without the codebook (image patches only: no [CLS])
+        heads = tuple(TokenMaxHead(e.width, cfg.embed_dim, p, skip_first=getattr(e, "has_cls", False))
+                      for e, p in zip(encoders, pools))
+    else:
+        mlp = cfg.inter_head == "mlp"
+        heads = tuple(ProjectionHead(e.width, cfg.embed_dim, p, mlp) for e, p in zip(encoders, pools))
     intra, fdt = None, None
     if cfg.modalities == ("image", "text") and loss is not None:
         intra = build_intra_heads(cfg, loss, *encoders, *pools, list(tag_names))

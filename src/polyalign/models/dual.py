@@ -145,6 +145,16 @@ class DualEncoder(nn.Module):
         """The image tokens FDT grounds: the patches, without a ViT's [CLS] at token 0 (the CNN has none)."""
         return tokens[:, 1:] if self.image_encoder.has_cls else tokens
 
+    @torch.no_grad()
+    def fdt_queries(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The FDT queries of a training batch's un-augmented images and captions: (B, N, D), (B', L', D) and the
+        caption mask (B', L') (captioned rows only), for ``FDTHead.calibrate``."""
+        rows = self._text_rows(batch.get("captioned"))
+        pick = (lambda x: x) if rows is None else (lambda x: x[rows])
+        q_image = self.fdt.image_query(self.patches(self.image_encoder(batch["image"])))
+        tokens, mask = self.text_tokens(pick(batch["text"]), pick(batch["text_mask"]))
+        return q_image, self.fdt.text_query(tokens), mask
+
     # --- FDT inspection (polyalign inspect fdt) ---
     def fdt_image_weights(self, images: torch.Tensor) -> torch.Tensor:
         """Pixels (B, 3, H, W) → FDT weights (B, C) over the codebook (sparse with sparsemax)."""
@@ -186,8 +196,10 @@ class DualEncoder(nn.Module):
         if self.fdt is not None:
             (zi, wi), (zt, wt) = self.fdt.image(self.patches(tokens[:b])), self.fdt.text(text_tokens, mask)
             out.fdt_image_emb, out.fdt_text_emb, out.fdt_logit_scale = zi, put(zt), self.fdt.scale()
-            out.stats.update({"fdt_image_active": (wi > 0).sum(1).float().mean(),  # (w > 0): no gradient
-                              "fdt_text_active": (wt > 0).sum(1).float().mean(),
+            ai, at = (wi > 0).float().mean(1), (wt > 0).float().mean(1)  # per row, fraction of C; (w > 0): no grad
+            out.stats.update({"fdt_image_active": ai.mean() * wi.shape[1], "fdt_text_active": at.mean() * wt.shape[1],
+                              "fdt_image_active_frac": ai.mean(), "fdt_text_active_frac": at.mean(),
+                              "fdt_t": torch.tensor(self.fdt.temperature()),
                               "fdt_logit_scale": out.fdt_logit_scale.detach()})
         if views:
             with self._bn_groups(2, b, keys=False):
@@ -232,6 +244,7 @@ class DualEncoder(nn.Module):
         MoCo's EMA update of the key encoder, then the step's keys (every rank's, when gathered) enter the queue."""
         if self.fdt is not None:
             self.fdt.clamp_logit_scale()
+            self.fdt.advance()
         if self.text_momentum is not None:
             self.text_momentum.update(self.text_encoder, self.text_intra_head)
         if self.momentum is None:

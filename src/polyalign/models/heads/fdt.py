@@ -131,6 +131,11 @@ def normalise(r: torch.Tensor, how: str) -> torch.Tensor:
     raise ValueError(f"unknown FDT normalisation {how!r} (sparsemax | softmax | sigmoid)")
 
 
+def active_fraction(r_image: torch.Tensor, r_text: torch.Tensor) -> float:
+    """The mean of the images' and the captions' mean fraction of entries that sparsemax keeps (weight > 0)."""
+    return 0.5 * (float((sparsemax(r_image) > 0).float().mean()) + float((sparsemax(r_text) > 0).float().mean()))
+
+
 def query_mlp(in_dim: int, dim: int) -> nn.Sequential:
     """LN(d_in) → Linear(d_in, D) → GELU → LN(D) → Linear(D, D), as in the authors' code."""
     return nn.Sequential(nn.LayerNorm(in_dim), nn.Linear(in_dim, dim), nn.GELU(),
@@ -145,16 +150,44 @@ class FDTHead(nn.Module):
 
     def __init__(self, image_width: int, text_width: int, codebook_size: int = 1024, dim: int = 128,
                  t_fdt: float = 1000.0, norm: str = "sparsemax", pool: str = "max", chunk: int = 0,
-                 init_logit_scale: float = 1 / 0.07, logit_scale_range: tuple[float, float] = (20.0, 100.0)):
+                 init_logit_scale: float = 1 / 0.07, logit_scale_range: tuple[float, float] = (20.0, 100.0),
+                 anneal: float = 1.0, anneal_steps: int = 0):
         super().__init__()
         # F: nn.Embedding's N(0, 1) init is the paper's randn, and its ``weight`` gets weight decay as in the paper
         self.codebook = nn.Embedding(codebook_size, dim)
         self.image_query, self.text_query = query_mlp(image_width, dim), query_mlp(text_width, dim)
-        self.relevance_scale = 1.0 / math.sqrt(dim) / t_fdt
+        self.dim, self.anneal, self.anneal_steps = dim, float(anneal), int(anneal_steps)
+        # T_fdt at step 0 (``calibrate`` may set it) and the completed optimiser steps (the anneal's clock): buffers,
+        # so that a checkpoint holds them and a resumed run continues the schedule exactly
+        self.register_buffer("t_start", torch.tensor(float(t_fdt), dtype=torch.float64))
+        self.register_buffer("step", torch.zeros((), dtype=torch.long))
         self.norm, self.pool, self.chunk = norm, pool, chunk
         lo, hi = (math.log(v) for v in logit_scale_range)
         self.log_range = (lo, hi)
         self.logit_scale = nn.Parameter(torch.tensor(min(max(math.log(init_logit_scale), lo), hi)))
+
+    def temperature(self) -> float:
+        """T_fdt now: ``t_start · anneal^(min(step, anneal_steps) / anneal_steps)`` (``t_start`` when not annealing)."""
+        t = float(self.t_start)
+        if self.anneal == 1.0 or self.anneal_steps <= 0:
+            return t
+        return t * self.anneal ** (min(int(self.step), self.anneal_steps) / self.anneal_steps)
+
+    @property
+    def relevance_scale(self) -> float:
+        """The factor of A = Q Fᵀ · scale: 1 / sqrt(D) / T_fdt."""
+        return 1.0 / math.sqrt(self.dim) / self.temperature()
+
+    @torch.no_grad()
+    def advance(self) -> None:
+        """After an optimiser step: one step further along the T_fdt schedule."""
+        self.step += 1
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # checkpoints from before the schedule existed hold neither buffer: their T_fdt was the constructor's
+        state_dict.setdefault(prefix + "t_start", self.t_start.clone())
+        state_dict.setdefault(prefix + "step", self.step.clone())
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def scale(self) -> torch.Tensor:
         """The FDT loss's logit scale, clamped to ``logit_scale_range`` (the authors' [20, 100])."""
@@ -165,6 +198,43 @@ class FDTHead(nn.Module):
         """After an optimiser step: the parameter back into its range, where ``scale``'s clamp passes gradients
         (left outside it, the clamp would cut its gradient and freeze it there)."""
         self.logit_scale.clamp_(*self.log_range)
+
+    @torch.no_grad()
+    def calibrate(self, q_image: torch.Tensor, q_text: torch.Tensor, text_mask: torch.Tensor | None,
+                  target: float, reduce=None) -> float:
+        """Set ``t_start`` so that a fraction ``target`` of the C entries is active (sparsemax weight > 0), the mean of
+        the images' and the captions' mean fractions, for these queries (B, N, D) (from a real training batch).
+
+        The support of sparsemax(r / T) grows with T, so the fraction is monotone in T: a bisection on log T (60
+        halvings of [1e-6, 1e8]) finds it. ``reduce`` (DDP: the mean over ranks) combines each rank's log T.
+        Returns the new T_fdt."""
+        if self.norm != "sparsemax":
+            raise ValueError(f"T_fdt calibration needs sparsemax weights (with {self.norm} every entry is active)")
+        r_image, r_text = self._scores(q_image, q_text, text_mask, 1.0)
+        lo, hi = math.log(1e-6), math.log(1e8)
+        for _ in range(60):
+            mid = (lo + hi) / 2
+            t = math.exp(mid)
+            if active_fraction(r_image / t, r_text / t) < target:
+                lo = mid  # too few active: a larger T flattens r
+            else:
+                hi = mid
+        log_t = torch.tensor((lo + hi) / 2, dtype=torch.float64)
+        if reduce is not None:
+            log_t = reduce(log_t)
+        self.t_start.fill_(float(log_t.exp()))
+        return float(self.t_start)
+
+    def _scores(self, q_image, q_text, text_mask, t: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pooled relevance r (B, C) of image and caption queries at T_fdt = ``t``."""
+        scale = 1.0 / math.sqrt(self.dim) / t
+        return (ground(q_image, self.codebook.weight, None, scale, self.pool, self.chunk).float(),
+                ground(q_text, self.codebook.weight, text_mask, scale, self.pool, self.chunk).float())
+
+    @torch.no_grad()
+    def active_fraction(self, q_image: torch.Tensor, q_text: torch.Tensor, text_mask: torch.Tensor | None) -> float:
+        """The mean of the images' and the captions' mean fraction of active entries at the current T_fdt."""
+        return active_fraction(*self._scores(q_image, q_text, text_mask, self.temperature()))
 
     def embed(self, q: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Queries (B, N, D) → (z (B, D) L2-normalised, w (B, C))."""

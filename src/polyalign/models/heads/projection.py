@@ -1,11 +1,14 @@
 """Projection head: pool tokens → project → L2-normalise."""
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from polyalign.distributed import GlobalBatchNorm2d
+from polyalign.models.heads.fdt import query_mlp
 
 
 def pool_tokens(tokens: torch.Tensor, mask: torch.Tensor | None, how: str) -> torch.Tensor:
@@ -58,3 +61,29 @@ class MLPHead(nn.Module):
 
     def forward(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         return F.normalize(self.net(pool_tokens(tokens, mask, self.pool)).float(), dim=-1)  # (B, out_dim)
+
+
+class TokenMaxHead(nn.Module):
+    """FDT's pooling without its codebook (the control of arXiv 2303.14865's claim): every token through FDT's query
+    MLP (LayerNorm → Linear → GELU → LayerNorm → Linear), the max over the real tokens (``mask``; a ViT's [CLS] is
+    left out with ``skip_first``, as FDT grounds patches only), L2-normalised. ``features`` (what probes read) pools
+    the encoder's tokens as the linear head would (``pool``), so probes compare like with like."""
+
+    def __init__(self, in_dim: int, embed_dim: int, pool: str, skip_first: bool = False):
+        super().__init__()
+        self.pool, self.skip_first = pool, skip_first
+        self.proj = query_mlp(in_dim, embed_dim)  # FDT's own query MLP: the two differ by the codebook only
+
+    def features(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return pool_tokens(tokens, mask, self.pool)
+
+    def forward(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        if self.skip_first:
+            tokens, mask = tokens[:, 1:], None if mask is None else mask[:, 1:]
+        q = self.proj(tokens)  # (B, N, E)
+        if mask is not None:
+            q = q.masked_fill(~mask[..., None], -math.inf)
+        z = q.max(1).values
+        if mask is not None:
+            z = z.masked_fill(~mask.any(1, keepdim=True), 0.0)  # a row without real tokens: 0 (normalize keeps it 0)
+        return F.normalize(z.float(), dim=-1)  # (B, E)
