@@ -15,8 +15,8 @@ import torch
 from polyalign import distributed as dist
 from polyalign.app.lock import run_lock
 from polyalign.app.runs import evaluate_run, prepare_tokenizer, prepare_views, write_metrics
-from polyalign.config import Config, load_config, save_config
-from polyalign.config.checks import init_from_dir
+from polyalign.config import FUSION_TERMS, Config, load_config, save_config
+from polyalign.config.checks import fusion_schedules, init_from_dir
 from polyalign.config.resume import changed_keys, check_resume_step, unsafe_changes, unsafe_message
 from polyalign.data.build import build_datasets
 from polyalign.data.loader import make_loader, make_stream_loader, to_model_inputs
@@ -89,7 +89,12 @@ def _set_up(cfg: Config, out: Path, device, resume: bool, show_progress: bool) -
         tokenizer = prepare_tokenizer(cfg, datasets["train"], out)  # loads rank 0's
     tag_names = prepare_views(cfg, datasets, out, main, reuse=resumed)
     model = build_model(cfg.model, cfg.data.image_size, tokenizer.vocab_size, cfg.loss, tag_names,
-                        special_ids_of(tokenizer)).to(device)
+                        special_ids_of(tokenizer), train_steps=t.max_steps).to(device)
+    if cfg.loss.active() & set(FUSION_TERMS) and main:  # the fusion teacher's schedules, resolved for this run
+        m, ramp = fusion_schedules(cfg.model.fusion, t.max_steps)
+        horizon = f"{1 / (1 - m):.1f} steps" if m < 1 else "inf"
+        print(f"fusion teacher: momentum {m:.4g} per step (EMA horizon {horizon} of {t.max_steps}), "
+              f"α ramp over {ramp} steps")
     if cfg.model.init_from and not resumed:  # hf:DIR (a resumed run's checkpoint holds its weights)
         load_clip_dir(model, init_from_dir(cfg.model.init_from))
     t0, train_ds = time.perf_counter(), datasets["train"]

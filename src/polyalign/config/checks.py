@@ -201,11 +201,22 @@ def _check_fusion(cfg: Config) -> None:
     check_fusion_config(fusion_settings(cfg.model, cfg.loss), prefix="model.fusion")
 
 
-def fusion_settings(model: ModelConfig, loss: LossConfig) -> FusionConfig:
-    """``model.fusion`` with its loss weights taken from ``loss.weights`` (the one place they are set)."""
-    w = loss.weights
-    return dataclasses.replace(model.fusion, itc_weight=float(w.get("itc", 0)), itm_weight=float(w.get("itm", 0)),
-                               mlm_weight=float(w.get("mlm", 0)))
+def fusion_settings(model: ModelConfig, loss: LossConfig, train_steps: int = 0) -> FusionConfig:
+    """``model.fusion`` with its loss weights taken from ``loss.weights`` (the one place they are set), and the
+    schedules given as shares of the run resolved for a run of ``train_steps`` (0: unknown — a model built for
+    evaluation, whose teacher and α never act): the momentum from ``momentum_horizon``, the α ramp's steps."""
+    w, f = loss.weights, model.fusion
+    momentum, ramp = fusion_schedules(f, train_steps)
+    return dataclasses.replace(f, itc_weight=float(w.get("itc", 0)), itm_weight=float(w.get("itm", 0)),
+                               mlm_weight=float(w.get("mlm", 0)), momentum=momentum, alpha_ramp_steps=ramp)
+
+
+def fusion_schedules(f: FusionConfig, train_steps: int) -> tuple[float, int]:
+    """(m per step, α ramp steps) for a run of ``train_steps``: as given when set, else from the run's length."""
+    momentum = f.momentum if f.momentum > 0 else (
+        max(0.0, 1.0 - 1.0 / (f.momentum_horizon * train_steps)) if f.momentum_horizon * train_steps > 0 else 0.0)
+    ramp = f.alpha_ramp_steps if f.alpha_ramp_steps >= 0 else round(f.alpha_ramp * train_steps)
+    return momentum, ramp
 
 
 def _check_modalities(cfg: Config) -> None:

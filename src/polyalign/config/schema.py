@@ -159,9 +159,17 @@ class FusionConfig:
     image_pool: str = ""  # cls | mean for the ITC projection; "" = the encoder's own
     text_pool: str = ""
     queue_size: int = 4096  # ours (ALBEF: 65,536); 0 = in-batch negatives only
-    momentum: float = 0.995
+    # the momentum teacher's EMA: ``momentum`` > 0 is m per step as given (ALBEF: 0.995, in a run of ~234k steps);
+    # 0 (default) = from ``momentum_horizon``, the EMA horizon 1 / (1 − m) as a fraction of train.max_steps, so that
+    # the teacher lags the student by ALBEF's share of the run at any budget: m = max(0, 1 − 1 / (h · max_steps))
+    # (ALBEF: 200 of ~234k steps = 0.085 %; a 300-step run then gets m = 0 and a 10k-step run m = 0.88)
+    momentum: float = 0.0
+    momentum_horizon: float = 0.00085
     alpha: float = 0.4  # distillation weight of the momentum model's soft targets (ITC and MLM)
-    alpha_ramp_steps: int = 200  # α grows linearly from 0 over these steps (ALBEF: the first epoch); 0 = no ramp
+    # α grows linearly from 0 over the first ``alpha_ramp_steps`` steps (0 = no ramp); -1 (default) = over
+    # ``alpha_ramp`` of train.max_steps (ALBEF: its first epoch of 30)
+    alpha_ramp_steps: int = -1
+    alpha_ramp: float = 1 / 30
     init_temperature: float = 0.07
     temperature_range: tuple[float, float] = (0.001, 0.5)
     itc_weight: float = 1.0  # a loss with weight 0 is neither built nor computed

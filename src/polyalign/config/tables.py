@@ -56,7 +56,6 @@ RANGES = {  # every numeric key → its allowed values (a tuple: each element; a
     **dict.fromkeys((
         "data.num_workers", "data.val_size", "data.test_size", "data.tag_min_count", "data.augment.color_jitter",
         "data.intra_augment.color_jitter", "model.fdt.dim", "model.fdt.chunk", "model.fdt.anneal_steps", "model.fusion.queue_size",
-        "model.fusion.alpha_ramp_steps",
         "model.fusion.itc_weight", "model.fusion.itm_weight", "model.fusion.mlm_weight", "model.fusion.focal_gamma",
         "loss.weights", "train.min_lr", "train.weight_decay", "train.warmup_steps", "train.threads",
         "train.grad_cache_chunk", "eval.n_examples", "eval.rerank_k", "eval.bootstrap_resamples"), NON_NEGATIVE),
@@ -73,6 +72,9 @@ RANGES = {  # every numeric key → its allowed values (a tuple: each element; a
     "data.intra_augment.crop_scale": Range(0, 1, lo_open=True), "data.intra_augment.crop_ratio": POSITIVE,
     "model.fdt.active_target": Range(0, 1, lo_open=True, why="the fraction of codebook entries active at step 0"),
     "data.caption_fraction": Range(0, 1, lo_open=True, why="the fraction of training items that keep captions"),
+    "model.fusion.alpha_ramp_steps": Range(-1, why="-1 = model.fusion.alpha_ramp of train.max_steps, 0 = no ramp"),
+    "model.fusion.momentum_horizon": Range(0, 1, why="a fraction of train.max_steps"),
+    "model.fusion.alpha_ramp": Range(0, 1, why="a fraction of train.max_steps"),
     "model.text.context_length": Range(3, why="room for [CLS], one token and [SEP]"),
     "model.fusion.mlm_prob": Range(0, 1, lo_open=True, hi_open=True),
     "train.grad_clip": Range(0, why="0 = no clipping"), "data.seed": SEED, "train.seed": SEED,

@@ -86,16 +86,17 @@ def fdt_temperature(f) -> float:
 
 
 def build_model(cfg: ModelConfig, image_size: int, vocab_size: int, loss: LossConfig | None = None,
-                tag_names: list[str] = (), special_ids: dict[str, int] | None = None) -> Model:
+                tag_names: list[str] = (), special_ids: dict[str, int] | None = None, train_steps: int = 0) -> Model:
     """Encoders (of ``cfg.modalities``) and the heads of the terms with nonzero weight in ``loss`` (tags need the
     training data's ``tag_names``); the fusion terms build the ``FusionModel`` on the same encoders
-    (``special_ids``: the tokenizer's ``{"[MASK]": id, ...}``, for MLM)."""
+    (``special_ids``: the tokenizer's ``{"[MASK]": id, ...}``, for MLM; ``train_steps``: the run's length, which the
+    fusion teacher's momentum and α ramp scale with when given as shares of the run)."""
     terms = loss.active() if loss else set()
     if terms & set(FUSION_TERMS):
         if special_ids is None:
             raise ConfigError("the fusion model needs the tokenizer's special token ids (build_model(special_ids=...))")
         return FusionModel(build_encoder(cfg, "image", image_size, vocab_size),
-                           build_encoder(cfg, "text", image_size, vocab_size), fusion_settings(cfg, loss),
+                           build_encoder(cfg, "text", image_size, vocab_size), fusion_settings(cfg, loss, train_steps),
                            vocab_size, special_ids)
     encoders = tuple(build_encoder(cfg, m, image_size, vocab_size) for m in cfg.modalities)
     pools = [getattr(cfg, m).pool or e.pool for m, e in zip(cfg.modalities, encoders)]

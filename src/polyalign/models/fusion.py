@@ -121,8 +121,8 @@ class FusionModel(nn.Module):
 
     def alpha(self) -> float:
         """The distillation weight now: ``alpha`` · min(1, step / alpha_ramp_steps)."""
-        ramp = self.cfg.alpha_ramp_steps
-        return self.cfg.alpha * (min(1.0, int(self.step) / ramp) if ramp else 1.0)
+        ramp = self.cfg.alpha_ramp_steps  # (< 0: not resolved for a run, as for a model built to evaluate: no ramp)
+        return self.cfg.alpha * (min(1.0, int(self.step) / ramp) if ramp > 0 else 1.0)
 
     def text_tokens(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Text encoder tokens (B, L', D) and mask (B, L'), columns past the longest caption (padding) cut off."""
