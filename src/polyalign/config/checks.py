@@ -198,7 +198,20 @@ def _check_fusion(cfg: Config) -> None:
     if text.kind == "hf" and text.lock and text.cache and ("mlm" in fusion or cfg.model.fusion.text_mask_aug):
         raise ConfigError("a cached locked text tower sees every masked caption as new (the cache would grow without "
                           "bound): set model.text.cache=false for mlm or model.fusion.text_mask_aug")
-    check_fusion_config(fusion_settings(cfg.model, cfg.loss), prefix="model.fusion")
+    settings = fusion_settings(cfg.model, cfg.loss)
+    if cfg.model.fusion.text_split:  # the fusion layers are the text tower's upper ones: their count is the model's
+        if text.kind != "hf":
+            raise ConfigError("model.fusion.text_split needs a pretrained BERT-like text tower (model.text.kind=hf)")
+        settings = dataclasses.replace(settings, fusion_layers=_hf_layers(text.hf_path) - cfg.model.fusion.text_split)
+    check_fusion_config(settings, prefix="model.fusion")
+
+
+def _hf_layers(path: str) -> int:
+    """The number of layers of a local HF text tower, from its config.json (no weights loaded)."""
+    try:
+        return int(json.loads((Path(resolve_hf_path(path)) / "config.json").read_text())["num_hidden_layers"])
+    except (OSError, KeyError, ValueError) as err:
+        raise ConfigError(f"model.text.hf_path={path!r}: cannot read its config.json ({err})") from None
 
 
 def fusion_settings(model: ModelConfig, loss: LossConfig, train_steps: int = 0) -> FusionConfig:

@@ -152,6 +152,10 @@ class FusionConfig:
     """The fusion model's settings; ALBEF's values unless marked (ours: CPU-sized, or the spec's reconstruction)."""
 
     fusion_layers: int = 2  # ours (ALBEF: 6, the second half of BERT-base)
+    # k > 0 (model.text.kind=hf): ALBEF's split of a pretrained BERT — the text tower keeps its first k layers, the
+    # fusion encoder is its remaining layers, each with a new cross-attention to the image tokens (MiniLM-L6: 3 = 3 + 3;
+    # fusion_layers and fusion_heads then come from the model); 0 = a new fusion encoder of fusion_layers blocks
+    text_split: int = 0
     fusion_heads: int = 4
     mlp_ratio: float = 4.0
     dropout: float = 0.0

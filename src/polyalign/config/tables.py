@@ -55,7 +55,7 @@ RANGES = {  # every numeric key → its allowed values (a tuple: each element; a
         "eval.max_captions", "eval.chunk_size"), POSITIVE),
     **dict.fromkeys((
         "data.num_workers", "data.val_size", "data.test_size", "data.tag_min_count", "data.augment.color_jitter",
-        "data.intra_augment.color_jitter", "model.fdt.dim", "model.fdt.chunk", "model.fdt.anneal_steps", "model.fusion.queue_size",
+        "data.intra_augment.color_jitter", "model.fdt.dim", "model.fdt.chunk", "model.fdt.anneal_steps", "model.fusion.text_split", "model.fusion.queue_size",
         "model.fusion.itc_weight", "model.fusion.itm_weight", "model.fusion.mlm_weight", "model.fusion.focal_gamma",
         "loss.weights", "train.min_lr", "train.weight_decay", "train.warmup_steps", "train.threads",
         "train.grad_cache_chunk", "eval.n_examples", "eval.rerank_k", "eval.bootstrap_resamples"), NON_NEGATIVE),

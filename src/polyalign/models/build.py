@@ -2,6 +2,7 @@
 model constructors. The fusion terms (itc, itm, mlm) build the fusion model; every other term the dual encoder."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -16,14 +17,16 @@ from polyalign.models.encoders.image import ConvNet, ViT
 from polyalign.models.encoders.points import PointNet
 from polyalign.models.encoders.text import HFTextEncoder, TextTransformer
 from polyalign.models.fusion import FusionModel
+from polyalign.models.heads.bert_fusion import bert_fusion_encoder
 from polyalign.models.heads.fdt import FDTHead
 from polyalign.models.heads.momentum import MomentumEncoder, MomentumTower
 from polyalign.models.heads.projection import MLPHead, ProjectionHead, TokenMaxHead
 from polyalign.models.interface import Model
 
 
-def build_encoder(cfg: ModelConfig, modality: str, image_size: int, vocab_size: int) -> nn.Module:
-    """One tower's encoder from its config section: input → tokens (B, N, width)."""
+def build_encoder(cfg: ModelConfig, modality: str, image_size: int, vocab_size: int, keep_layers: int = 0) -> nn.Module:
+    """One tower's encoder from its config section: input → tokens (B, N, width). ``keep_layers`` > 0 (an HF text
+    tower): only its first layers, the rest handed over as ``upper_layers`` (ALBEF's split, for the fusion model)."""
     if modality == "image":
         ic = cfg.image
         if ic.kind == "vit":
@@ -34,7 +37,9 @@ def build_encoder(cfg: ModelConfig, modality: str, image_size: int, vocab_size: 
     if modality == "text":
         tc = cfg.text
         if tc.kind == "hf":
-            return HFTextEncoder(tc.hf_path, tc.lock, tc.cache, tc.train_layers)
+            return HFTextEncoder(tc.hf_path, tc.lock, tc.cache, tc.train_layers, keep_layers)
+        if keep_layers:
+            raise ConfigError("model.fusion.text_split needs a pretrained BERT-like text tower (model.text.kind=hf)")
         return TextTransformer(vocab_size, tc.context_length, tc.width, tc.layers, tc.heads, tc.mlp_ratio, tc.dropout,
                                tc.causal)
     if modality == "audio":
@@ -95,9 +100,14 @@ def build_model(cfg: ModelConfig, image_size: int, vocab_size: int, loss: LossCo
     if terms & set(FUSION_TERMS):
         if special_ids is None:
             raise ConfigError("the fusion model needs the tokenizer's special token ids (build_model(special_ids=...))")
-        return FusionModel(build_encoder(cfg, "image", image_size, vocab_size),
-                           build_encoder(cfg, "text", image_size, vocab_size), fusion_settings(cfg, loss, train_steps),
-                           vocab_size, special_ids)
+        image_encoder = build_encoder(cfg, "image", image_size, vocab_size)
+        text_encoder = build_encoder(cfg, "text", image_size, vocab_size, keep_layers=cfg.fusion.text_split)
+        settings, fusion = fusion_settings(cfg, loss, train_steps), None
+        if cfg.fusion.text_split:  # ALBEF's split: the text tower's upper layers + new cross-attention
+            fusion = bert_fusion_encoder(text_encoder, image_encoder.width, settings.dropout)
+            settings = dataclasses.replace(settings, fusion_layers=len(fusion.blocks),
+                                           fusion_heads=fusion.blocks[0].heads)
+        return FusionModel(image_encoder, text_encoder, settings, vocab_size, special_ids, fusion_encoder=fusion)
     encoders = tuple(build_encoder(cfg, m, image_size, vocab_size) for m in cfg.modalities)
     pools = [getattr(cfg, m).pool or e.pool for m, e in zip(cfg.modalities, encoders)]
     if cfg.inter_head == "max":  # FDT's max pooling without the codebook (image patches only: no [CLS])

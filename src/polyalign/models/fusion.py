@@ -55,7 +55,7 @@ class FusionModel(nn.Module):
     """
 
     def __init__(self, image_encoder: nn.Module, text_encoder: nn.Module, cfg: FusionConfig, vocab_size: int,
-                 special_ids: dict[str, int]):
+                 special_ids: dict[str, int], fusion_encoder: nn.Module | None = None):
         super().__init__()
         check_fusion_config(cfg)
         self.cfg, self.vocab_size = cfg, vocab_size
@@ -73,7 +73,8 @@ class FusionModel(nn.Module):
         self.temp = nn.Parameter(torch.tensor(float(cfg.init_temperature)))
         self.fusion = self.itm_head = self.mlm_head = None
         if cfg.itm_weight or cfg.mlm_weight:
-            self.fusion = FusionEncoder(tw, iw, cfg.fusion_layers, cfg.fusion_heads, cfg.mlp_ratio, cfg.dropout)
+            self.fusion = fusion_encoder or FusionEncoder(tw, iw, cfg.fusion_layers, cfg.fusion_heads, cfg.mlp_ratio,
+                                                          cfg.dropout)  # given: a pretrained BERT's upper layers
         if cfg.itm_weight:
             self.itm_head = itm_head(tw)
         if cfg.mlm_weight:

@@ -40,6 +40,20 @@ def warm_cache(encoder: nn.Module, tokenizer, captions) -> int:
     return encoder.warm_cache(tokenizer, captions) if isinstance(encoder, HFTextEncoder) else 0
 
 
+def _split_layers(model: nn.Module, keep: int, path: str) -> list[nn.Module]:
+    """Cut a BERT-like model after layer ``keep``; returns the layers cut off."""
+    layers = getattr(getattr(model, "encoder", None), "layer", None)
+    if layers is None:
+        raise ConfigError(f"model.fusion.text_split: {path!r} has no encoder.layer list (a BERT-like model)")
+    if not 0 < keep < len(layers):
+        raise ConfigError(f"model.fusion.text_split={keep}: {path!r} has {len(layers)} layers; keep 1 to "
+                          f"{len(layers) - 1} of them for the text encoder (the rest become the fusion encoder)")
+    upper = list(layers[keep:])
+    model.encoder.layer = nn.ModuleList(layers[:keep])
+    model.config.num_hidden_layers = keep
+    return upper
+
+
 class HFTextEncoder(nn.Module):
     """A pretrained HF text tower loaded offline from a local directory; ``lock`` freezes it (LiT, arXiv 2111.07991).
 
@@ -51,7 +65,8 @@ class HFTextEncoder(nn.Module):
     pool = "mean"
     WARM_BATCH = 256
 
-    def __init__(self, path: str, lock: bool = False, cache: bool = True, train_layers: int = -1):
+    def __init__(self, path: str, lock: bool = False, cache: bool = True, train_layers: int = -1,
+                 keep_layers: int = 0):
         super().__init__()
         from transformers import AutoModel  # imported lazily: heavy, and only this encoder needs it
         from transformers.utils import logging as hf_logging
@@ -63,8 +78,13 @@ class HFTextEncoder(nn.Module):
         self.lock = lock
         self.cache_enabled = lock and cache
         self._cache: dict[tuple[int, ...], torch.Tensor] = {}  # token ids (unpadded) → (n, D) outputs
+        # keep_layers > 0: only the first K layers encode text; the rest are handed over (``upper_layers``, not
+        # submodules of this tower) to become ALBEF's fusion encoder (models/heads/bert_fusion.py)
+        self.upper_layers: list[nn.Module] = []
+        if keep_layers:
+            self.upper_layers = _split_layers(self.model, keep_layers, path)
         self._frozen: list[nn.Module] = [self.model] if lock else []
-        if not lock and train_layers >= 0:  # fine-tune only the last K Transformer layers
+        if not lock and train_layers >= 0:  # fine-tune only the last K Transformer layers (of those kept)
             layers = getattr(getattr(self.model, "encoder", None), "layer", None)
             if layers is None:
                 raise ConfigError(f"model.text.train_layers: {path!r} has no encoder.layer list (a BERT-like model)")
