@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from polyalign.config import load_config
-from polyalign.config.checks import fusion_schedules
+from polyalign.config.fusion import fusion_schedules
 from polyalign.config.schema import FusionConfig
 from polyalign.errors import ConfigError
 from polyalign.models.fusion import FusionModel

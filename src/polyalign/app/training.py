@@ -16,7 +16,8 @@ from polyalign import distributed as dist
 from polyalign.app.lock import run_lock
 from polyalign.app.runs import evaluate_run, prepare_tokenizer, prepare_views, write_metrics
 from polyalign.config import FUSION_TERMS, Config, load_config, save_config
-from polyalign.config.checks import fusion_schedules, init_from_dir
+from polyalign.config.checks import init_from_dir
+from polyalign.config.fusion import fusion_schedules
 from polyalign.config.resume import changed_keys, check_resume_step, unsafe_changes, unsafe_message
 from polyalign.data.build import build_datasets
 from polyalign.data.loader import make_loader, make_stream_loader, to_model_inputs

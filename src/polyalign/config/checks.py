@@ -9,9 +9,10 @@ import importlib.util
 import json
 from pathlib import Path
 
-from polyalign.config.schema import (AugmentConfig, Config, FdtConfig, FusionConfig, LossConfig, ModelConfig)
+from polyalign.config.schema import AugmentConfig, Config, FdtConfig, LossConfig
 from polyalign.config.tables import (CHOICES, DATA_MODALITIES, FIRST_MODALITIES, FUSION_TERMS, IMAGE_TEXT_TERMS,
                                      LOSS_TERMS, RANGES, SECOND_MODALITIES, TEMPERATURE_TERMS)
+from polyalign.config.fusion import check_fusion_config, fusion_settings
 from polyalign.config.tree import check_choices, check_ranges
 from polyalign.errors import ConfigError
 
@@ -202,34 +203,8 @@ def _check_fusion(cfg: Config) -> None:
     if cfg.model.fusion.text_split:  # the fusion layers are the text tower's upper ones: their count is the model's
         if text.kind != "hf":
             raise ConfigError("model.fusion.text_split needs a pretrained BERT-like text tower (model.text.kind=hf)")
-        settings = dataclasses.replace(settings, fusion_layers=_hf_layers(text.hf_path) - cfg.model.fusion.text_split)
+        settings = dataclasses.replace(settings, fusion_layers=int(_hf_config(text.hf_path)["num_hidden_layers"]) - cfg.model.fusion.text_split)
     check_fusion_config(settings, prefix="model.fusion")
-
-
-def _hf_layers(path: str) -> int:
-    """The number of layers of a local HF text tower, from its config.json (no weights loaded)."""
-    try:
-        return int(json.loads((Path(resolve_hf_path(path)) / "config.json").read_text())["num_hidden_layers"])
-    except (OSError, KeyError, ValueError) as err:
-        raise ConfigError(f"model.text.hf_path={path!r}: cannot read its config.json ({err})") from None
-
-
-def fusion_settings(model: ModelConfig, loss: LossConfig, train_steps: int = 0) -> FusionConfig:
-    """``model.fusion`` with its loss weights taken from ``loss.weights`` (the one place they are set), and the
-    schedules given as shares of the run resolved for a run of ``train_steps`` (0: unknown — a model built for
-    evaluation, whose teacher and α never act): the momentum from ``momentum_horizon``, the α ramp's steps."""
-    w, f = loss.weights, model.fusion
-    momentum, ramp = fusion_schedules(f, train_steps)
-    return dataclasses.replace(f, itc_weight=float(w.get("itc", 0)), itm_weight=float(w.get("itm", 0)),
-                               mlm_weight=float(w.get("mlm", 0)), momentum=momentum, alpha_ramp_steps=ramp)
-
-
-def fusion_schedules(f: FusionConfig, train_steps: int) -> tuple[float, int]:
-    """(m per step, α ramp steps) for a run of ``train_steps``: as given when set, else from the run's length."""
-    momentum = f.momentum if f.momentum > 0 else (
-        max(0.0, 1.0 - 1.0 / (f.momentum_horizon * train_steps)) if f.momentum_horizon * train_steps > 0 else 0.0)
-    ramp = f.alpha_ramp_steps if f.alpha_ramp_steps >= 0 else round(f.alpha_ramp * train_steps)
-    return momentum, ramp
 
 
 def _check_modalities(cfg: Config) -> None:
@@ -286,26 +261,3 @@ def _check_caption_fraction(cfg: Config) -> None:
         raise ConfigError(why + "is implemented for the dual encoder's terms, not itc, itm, mlm")
     if cfg.train.grad_cache_chunk:
         raise ConfigError(why + "does not support train.grad_cache_chunk; set it to 0")
-
-
-def check_fusion_config(cfg: FusionConfig, prefix: str = "model.fusion") -> None:
-    """Raise ``ConfigError`` naming the ``<prefix>.<field>`` that holds an impossible value."""
-    def bad(name, why):
-        return ConfigError(f"{prefix}.{name} {why}, got {getattr(cfg, name)!r}")
-
-    check_ranges(cfg, RANGES, "model.fusion")  # layers, queue, momentum, α and its ramp, mlm_prob, γ, λ, weights
-    if not (cfg.itc_weight or cfg.itm_weight or cfg.mlm_weight):
-        raise ConfigError(f"{prefix}: itc_weight, itm_weight and mlm_weight are all 0; nothing to train")
-    lo, hi = cfg.temperature_range
-    if not 0.0 < lo <= cfg.init_temperature <= hi:
-        raise ConfigError(f"{prefix}: need 0 < temperature_range[0] <= init_temperature <= temperature_range[1], "
-                          f"got {cfg.temperature_range!r} and {cfg.init_temperature!r}")
-    if cfg.soft_mask:
-        if not cfg.itm_weight:
-            raise ConfigError(f"{prefix}.soft_mask needs the ITM loss (itm_weight > 0): soft masks make ITM pairs")
-        if not -cfg.fusion_layers <= cfg.gradcam_layer < cfg.fusion_layers:
-            raise bad("gradcam_layer", f"must index one of the {cfg.fusion_layers} fusion layers")
-        if cfg.gradcam_layer % cfg.fusion_layers == cfg.fusion_layers - 1:
-            raise bad("gradcam_layer", "must not be the last fusion layer (there only the [CLS] token's attention "
-                      "reaches the ITM score, so every word's Grad-CAM map is 0)")
-

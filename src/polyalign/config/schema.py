@@ -26,15 +26,21 @@ class AugmentConfig:
 
 @dataclass
 class DataConfig:
-    name: str = "shapes"  # shapes | manifest | shards | shapes_audio | speech | shapes3d (modalities: DATA_MODALITIES)
+    name: str = "shapes"  # shapes | shapes_clutter | manifest | shards | shapes_audio | speech | shapes3d (modalities:
+    # DATA_MODALITIES)
     image_size: int = 48
     num_workers: int = 0  # 0 = load in the training process (fastest for in-memory data on 2 cores)
     cache_dir: str = "cache"
-    # shapes, shapes_audio, shapes3d
+    # shapes, shapes_clutter, shapes_audio, shapes3d
     train_size: int = 20000
     val_size: int = 500
     test_size: int = 2000
     seed: int = 0  # content seed of the synthetic data (another seed: other scenes/objects, e.g. disjoint data)
+    # shapes_clutter (small objects among distractors, one caption per object; data/shapes_clutter.py): its
+    # sprites are drawn for data.image_size=64 (>= 32 allowed; at 48 the 8–10 px sprites lose detail)
+    clutter_objects: tuple[int, int] = (3, 6)  # objects per scene: min, max (1 <= min <= max <= 8)
+    clutter_share: float = 0.5  # probability that an object shares the colour or the shape of an earlier one (a
+    # distractor in its scene); otherwise it brings a new colour and shape (the unbound hard negatives of retrieval)
     # shapes3d
     n_points: int = 1024  # points per cloud
     views: int = 4  # renders per object; a training sample takes one at random

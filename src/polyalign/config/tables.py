@@ -5,7 +5,7 @@ from __future__ import annotations
 from polyalign.config.tree import Range
 
 CHOICES = {
-    "data.name": ("shapes", "manifest", "shards", "shapes_audio", "speech", "shapes3d"),
+    "data.name": ("shapes", "shapes_clutter", "manifest", "shards", "shapes_audio", "speech", "shapes3d"),
     "model.image.kind": ("vit", "cnn", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"),
     "model.text.kind": ("transformer", "hf"),
     "model.audio.kind": ("cnn",),
@@ -28,7 +28,8 @@ CHOICES = {
 
 FIRST_MODALITIES, SECOND_MODALITIES = ("image", "audio", "points"), ("text", "image")
 DATA_MODALITIES = {  # what each data.name provides per item
-    "shapes": ("image", "text"), "manifest": ("image", "text"), "shards": ("image", "text"),
+    "shapes": ("image", "text"), "shapes_clutter": ("image", "text"), "manifest": ("image", "text"),
+    "shards": ("image", "text"),
     "shapes_audio": ("audio", "text"),
     "speech": ("audio", "text"), "shapes3d": ("points", "image", "text"),
 }
@@ -63,7 +64,7 @@ RANGES = {  # every numeric key → its allowed values (a tuple: each element; a
         "data.max_bad_fraction", "data.augment.flip", "data.augment.blur", "data.augment.grayscale",
         "data.augment.color_jitter_p", "data.augment.noise", "data.augment.cutout", "data.text_word_drop",
         "data.intra_augment.flip", "data.intra_augment.blur", "data.intra_augment.grayscale",
-        "data.intra_augment.color_jitter_p", "data.intra_augment.noise", "data.intra_augment.cutout",
+        "data.intra_augment.color_jitter_p", "data.intra_augment.noise", "data.intra_augment.cutout", "data.clutter_share",
         "model.moco.momentum", "model.fusion.momentum", "model.fusion.alpha", "model.fusion.soft_mask_lambda"),
         PROBABILITY),
     **dict.fromkeys(("model.image.dropout", "model.text.dropout", "model.fusion.dropout", "train.betas",
@@ -78,5 +79,6 @@ RANGES = {  # every numeric key → its allowed values (a tuple: each element; a
     "model.text.context_length": Range(3, why="room for [CLS], one token and [SEP]"),
     "model.fusion.mlm_prob": Range(0, 1, lo_open=True, hi_open=True),
     "train.grad_clip": Range(0, why="0 = no clipping"), "data.seed": SEED, "train.seed": SEED,
+    "data.clutter_objects": Range(1, 8, why="objects per shapes_clutter scene: min, max"),
     "model.image.train_blocks": Range(-1, why="-1 = all blocks"), "model.text.train_layers": Range(-1, why="-1 = all"),
 }  # not here: train.eval_every (must be 0) and model.fusion.gradcam_layer (an index into the fusion layers)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from polyalign.config import DataConfig
+from polyalign.errors import ConfigError
 
 
 def build_datasets(cfg: DataConfig, sample_seed: int, show_progress: bool = True) -> dict:
@@ -12,6 +13,19 @@ def build_datasets(cfg: DataConfig, sample_seed: int, show_progress: bool = True
         from polyalign.data.shapes import ShapesDataset
 
         out = {split: ShapesDataset(split, n, cfg.image_size, seed=cfg.seed, cache_dir=cfg.cache_dir or None)
+               for split, n in sizes.items() if n > 0}
+    elif cfg.name == "shapes_clutter":
+        from polyalign.data.shapes_clutter import MIN_IMAGE_SIZE, ShapesClutterDataset
+
+        lo, hi = cfg.clutter_objects
+        if lo > hi:
+            raise ConfigError(f"data.clutter_objects must be [min, max] with min <= max, got "
+                              f"{list(cfg.clutter_objects)}")
+        if cfg.image_size < MIN_IMAGE_SIZE:
+            raise ConfigError(f"data.image_size must be >= {MIN_IMAGE_SIZE} for data.name=shapes_clutter (64 "
+                              f"recommended: its objects are small), got {cfg.image_size}")
+        out = {split: ShapesClutterDataset(split, n, cfg.image_size, seed=cfg.seed, cache_dir=cfg.cache_dir or None,
+                                           objects=(lo, hi), share=cfg.clutter_share)
                for split, n in sizes.items() if n > 0}
     elif cfg.name == "shapes_audio":
         from polyalign.data.audio import ShapesAudio

@@ -116,8 +116,9 @@ def _sample_block(rng: np.random.Generator, n: int) -> dict[str, np.ndarray]:
     }
 
 
-def _render_block(p: dict[str, np.ndarray], seed: int, img: np.ndarray) -> None:
-    """Render scenes from their parameters into ``img``, a uint8 array (n, H, W, 3)."""
+def _render_block(p: dict[str, np.ndarray], seed: int, img: np.ndarray, sides: np.ndarray | None = None) -> None:
+    """Render scenes from their parameters into ``img``, a uint8 array (n, H, W, 3). ``sides`` (sizes, variants):
+    sprite side in pixels (default: ``_sprite_sides``); a scene has ``p["shape"].shape[1]`` object slots."""
     h = img.shape[1]
     ramp = np.linspace(-0.5, 0.5, h, dtype=np.float32)
     slope = p["bg_slope"].astype(np.float32)
@@ -129,24 +130,36 @@ def _render_block(p: dict[str, np.ndarray], seed: int, img: np.ndarray) -> None:
     for c in range(3):  # channel by channel: numpy is slow at broadcasting over a last axis of 3
         img[..., c] = lum + tone[:, c, None, None]
     colours = np.array(list(COLOURS.values()), np.float32)
-    sides = _sprite_sides(h)
-    present = np.arange(3) < p["count"][:, None]
+    sides = _sprite_sides(h) if sides is None else sides
+    present = np.arange(p["shape"].shape[1]) < p["count"][:, None]
     flat = img.reshape(-1)
     for k, shape in enumerate(SHAPES):
-        for z in range(2):
-            for var in range(3):
+        for z in range(sides.shape[0]):
+            for var in range(sides.shape[1]):
                 scene, slot = np.nonzero(present & (p["shape"] == k) & (p["size"] == z) & (p["variant"] == var))
                 if not len(scene):
                     continue
                 s = sides[z, var]
                 alpha = _sprite(shape, s).reshape(-1)
-                y, x = np.clip(np.round(p["centre"][scene, slot] * h - s / 2), 0, h - s).astype(int).T
-                pixel = ((scene * h + y) * h + x)[:, None] + (np.arange(s)[:, None] * h + np.arange(s)).reshape(-1)
-                idx = 3 * pixel + np.arange(3)[:, None, None]  # (3, objects, s*s): long inner loops are fast
-                colour = (colours[p["colour"][scene, slot]] + p["tint"][scene, slot]).astype(np.float32).T[:, :, None]
-                out = flat[idx] * (1 - alpha)
-                out += alpha * colour + 0.5
-                flat[idx] = out
+                # a scene's n-th object of this sprite goes in pass n, so no pass writes one pixel twice (shapes
+                # scenes have distinct shapes: one pass; shapes_clutter may repeat a shape in a scene)
+                nth = np.arange(len(scene)) - np.searchsorted(scene, scene)
+                for r in range(int(nth.max()) + 1):
+                    one = nth == r
+                    _paste(flat, h, s, alpha, scene[one], p["centre"][scene[one], slot[one]],
+                           colours[p["colour"][scene[one], slot[one]]] + p["tint"][scene[one], slot[one]])
+
+
+def _paste(flat: np.ndarray, h: int, s: int, alpha: np.ndarray, scene: np.ndarray, centre: np.ndarray,
+           colour: np.ndarray) -> None:
+    """Composite one sprite (coverage ``alpha`` (s*s,)) per scene (distinct) at ``centre`` (m, 2) with ``colour``
+    (m, 3) into ``flat``, the images (n, h, h, 3) flattened."""
+    y, x = np.clip(np.round(centre * h - s / 2), 0, h - s).astype(int).T
+    pixel = ((scene * h + y) * h + x)[:, None] + (np.arange(s)[:, None] * h + np.arange(s)).reshape(-1)
+    idx = 3 * pixel + np.arange(3)[:, None, None]  # (3, objects, s*s): long inner loops are fast
+    out = flat[idx] * (1 - alpha)
+    out += alpha * colour.astype(np.float32).T[:, :, None] + 0.5
+    flat[idx] = out
 
 
 class ShapesDataset(ImageTextDataset):

@@ -14,6 +14,7 @@ from polyalign.eval.embed import embed_items, embed_texts
 from polyalign.eval.plots import plot_retrieval_examples
 from polyalign.eval.probe import ProbeDataError, linear_probe
 from polyalign.eval.bootstrap import hit_interval
+from polyalign.eval.containment import evaluate_containment, has_objects
 from polyalign.eval.retrieval import rank_metrics, topk_chunked
 from polyalign.eval.retrieval_any import concept_ids, relevance_pairs, retrieval_ranks
 from polyalign.eval.tagging import TaggingDataError, head_scores, mean_average_precision, scored_tags, tagging_probe
@@ -154,7 +155,8 @@ def evaluate(
 ) -> dict[str, float]:
     """Flat metrics: ``retrieval/*`` on test_ds, ``retrieval_any/*`` (every right answer counts, with median ranks
     ``…_MdR``; see ``eval.retrieval_any``), ``zeroshot/<field>_acc``, ``probe/<field>_acc`` (trained on train_ds),
-    ``tagging/*`` when the datasets have tags (see ``_tagging``). Every retrieval and zero-shot figure gets a 95%
+    ``tagging/*`` when the datasets have tags (see ``_tagging``), ``containment/*`` when the test items list their
+    objects (``eval.containment``: shapes, shapes_clutter). Every retrieval and zero-shot figure gets a 95%
     bootstrap interval over its queries (``<key>_ci_low``, ``<key>_ci_high``; ``bootstrap`` resamples, 0 = none).
 
     ``modalities`` are the model's towers (first, second). Retrieval is between the first tower's items and the
@@ -195,6 +197,8 @@ def evaluate(
         hits = zeroshot_hits(a_emb[torch.tensor(idx, device=a_emb.device)], y, classifier)  # (n,) per image
         results[f"zeroshot/{field}_acc"] = hits.float().mean().item()
         results |= hit_interval(f"zeroshot/{field}_acc", hits.cpu().numpy(), bootstrap)
+    if second == "text" and has_objects(test_ds):  # scenes that list their objects: "contains ⟨colour shape⟩"
+        results |= evaluate_containment(model, tokenizer, test_ds, a_emb, batch_size, bootstrap)
 
     features = _Features(model, batch_size, first)  # (n, W) pooled features, shared by the linear and tagging probes
     probe_field = probe_field or (fields[0] if fields else None)
