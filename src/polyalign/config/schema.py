@@ -22,6 +22,11 @@ class AugmentConfig:
     color_jitter_p: float = 0.8  # probability of applying the jitter when s > 0
     noise: float = 0.0  # probability of additive Gaussian pixel noise, std in [0.02, 0.08] (colour-preserving)
     cutout: float = 0.0  # probability of erasing one rectangle (2–15 % of the area) with the image's mean colour
+    # ALBEF's RandAugment (its randaugment.py): ``randaugment`` ops drawn per image (with replacement), each applied
+    # with probability 0.5, at magnitude ``randaugment_magnitude`` of 10, from Identity, AutoContrast, Equalize,
+    # Brightness, Sharpness, ShearX/Y, TranslateX/Y, Rotate (no hue op: captions name colours); 0 = off (ALBEF: 2, 7)
+    randaugment: int = 0
+    randaugment_magnitude: int = 7
 
 
 @dataclass

@@ -72,6 +72,8 @@ RANGES = {  # every numeric key → its allowed values (a tuple: each element; a
     "data.augment.crop_scale": Range(0, 1, lo_open=True), "data.augment.crop_ratio": POSITIVE,
     "data.intra_augment.crop_scale": Range(0, 1, lo_open=True), "data.intra_augment.crop_ratio": POSITIVE,
     "model.fdt.active_target": Range(0, 1, lo_open=True, why="the fraction of codebook entries active at step 0"),
+    **dict.fromkeys(("data.augment.randaugment", "data.intra_augment.randaugment"), Range(0, 4)),
+    **dict.fromkeys(("data.augment.randaugment_magnitude", "data.intra_augment.randaugment_magnitude"), Range(0, 10)),
     "data.caption_fraction": Range(0, 1, lo_open=True, why="the fraction of training items that keep captions"),
     "model.fusion.alpha_ramp_steps": Range(-1, why="-1 = model.fusion.alpha_ramp of train.max_steps, 0 = no ramp"),
     "model.fusion.momentum_horizon": Range(0, 1, why="a fraction of train.max_steps"),

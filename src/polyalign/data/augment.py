@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from polyalign.config.schema import AugmentConfig
+from polyalign.data.randaugment import randaugment
 
 LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601
 
@@ -139,6 +140,8 @@ def _augment(image: torch.Tensor, rng: np.random.Generator, cfg: AugmentConfig) 
         x = F.interpolate(x[None], size=(h, w), mode="bilinear", antialias=True, align_corners=False)[0]
     if rng.random() < cfg.flip:
         x = x.flip(-1)
+    if cfg.randaugment:  # drawn only when on: older recipes keep their random streams
+        x = randaugment(x, rng, cfg.randaugment, cfg.randaugment_magnitude)
     if cfg.color_jitter > 0 and rng.random() < cfg.color_jitter_p:
         x = _jitter(x, rng, cfg.color_jitter)
     if rng.random() < cfg.grayscale:
