@@ -12,12 +12,11 @@ loss early and late in training, throughput and wall time.
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import statistics
 from pathlib import Path
 
 from polyalign.app.sweep import paired_diff
+from report_lib import fmt_diff, fmt_stat, log_rows, seeds_of, table, values, vs_constant
 
 ROWS = [("inter", "inter only"), ("image", "image-intra only"), ("intra-inter", "intra + inter"),
         ("text", "+ text-text"), ("tags", "+ tags"),
@@ -37,51 +36,6 @@ SHORT = {"probe/shape_acc": "probe shape", "probe/colour_acc": "probe colour", "
 LOSSES = ["clip_loss", "image_image_loss", "text_text_loss", "tags_loss"]
 
 
-def seeds_of(path: Path) -> dict[int, Path]:
-    """{seed: run dir} of the finished runs (metrics.json) under ``path``."""
-    if not path.is_dir():
-        return {}
-    return {int(p.name.split("-")[1]): p for p in sorted(path.glob("seed-*")) if (p / "metrics.json").is_file()}
-
-
-def values(runs: dict[int, Path], key: str) -> dict[int, float]:
-    out = {}
-    for s, p in runs.items():
-        v = json.loads((p / "metrics.json").read_text()).get(key)
-        if v is not None and not math.isnan(float(v)):
-            out[s] = float(v)
-    return out
-
-
-def fmt_stat(v: dict[int, float]) -> str:
-    if not v:
-        return "–"
-    xs = list(v.values())
-    return f"{statistics.fmean(xs):.3f} ± {statistics.stdev(xs):.3f}" if len(xs) > 1 else f"{xs[0]:.3f}"
-
-
-def fmt_diff(d: dict) -> str:
-    if not d["seeds"]:
-        return "–"
-    if d["low"] is None:
-        return f"{d['mean']:+.3f} (1 seed)"
-    star = " *" if d["low"] > 0 or d["high"] < 0 else ""
-    return f"{d['mean']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]{star}"
-
-
-def vs_constant(v: dict[int, float], ref: dict[int, float]) -> dict:
-    """Gain over a seed-independent reference (one run): each seed's value minus it, a t-interval over the seeds."""
-    if not ref or not v:
-        return {"seeds": [], "mean": math.nan, "low": None, "high": None}
-    c = next(iter(ref.values()))
-    return paired_diff(dict.fromkeys(v, c), v)
-
-
-def table(head: list[str], rows: list[list[str]]) -> str:
-    return "\n".join(["| " + " | ".join(head) + " |", "|---" * len(head) + "|"] +
-                     ["| " + " | ".join(r) + " |" for r in rows]) + "\n"
-
-
 def row_runs(root: Path, frac: str, row: str) -> dict[int, Path]:
     return seeds_of(root / row) if row.startswith("image") else seeds_of(root / frac / row)
 
@@ -96,9 +50,7 @@ def finished_rows(root: Path, fracs: list[str]):
 
 def log_losses(run: Path) -> dict[str, tuple[float, float]]:
     """Each logged loss term: (mean over the first 10 % of the logged steps, mean over the last 10 %)."""
-    rows = [json.loads(l) for l in (run / "log.jsonl").read_text().splitlines() if l.strip()] \
-        if (run / "log.jsonl").is_file() else []
-    rows = [r for r in rows if "step" in r and "loss" in r]
+    rows = log_rows(run)
     out = {}
     for k in LOSSES:
         xs = [r[k] for r in rows if k in r]
