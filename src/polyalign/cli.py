@@ -1,6 +1,6 @@
 """Command line: the parser and the dispatch to ``polyalign.app.commands``.
 
-    polyalign train CONFIG.yaml [key=value ...] [--out DIR] [--resume]
+    polyalign train CONFIG.yaml [key=value ...] [--out DIR] [--resume | --branch-from RUN[@STEP]]
     polyalign eval RUN_DIR [key=value ...] [--which latest|best]
     polyalign demo [--out DIR] [key=value ...]
     polyalign sweep CONFIG.yaml --seeds 0,1,2 --out DIR [key=value ...]
@@ -78,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", default=[], help="dotted overrides, e.g. train.max_steps=100")
     t.add_argument("--out", help="run directory (default runs/<recipe name>)")
     t.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint")
+    t.add_argument("--branch-from", metavar="RUN[@STEP]", help="start this run from another run's checkpoint (the "
+                   "latest, or STEP): weights, optimizer and step are copied, then training continues under CONFIG")
     t.set_defaults(func=cmd_train)
     e = sub.add_parser("eval", help="re-evaluate a run (a training or a `polyalign connect` run) and print its metrics as JSON")
     e.add_argument("run_dir")

@@ -36,7 +36,18 @@ def cmd_train(args) -> int:
     from polyalign.config.resume import resume_config
 
     out = Path(args.out or Path("runs") / Path(args.config).stem)
-    if args.resume and (out / "config.yaml").is_file():  # the run's own config, with the overrides safe on resume
+    if getattr(args, "branch_from", None):
+        from polyalign.errors import PolyalignError
+
+        if args.resume:
+            raise PolyalignError("--branch-from starts a new run from another run's checkpoint; --resume continues "
+                                 "this one: pass one of them")
+        cfg = load_config(args.config, args.overrides)
+        from polyalign.app.branch import start_branch
+
+        start_branch(args.branch_from, out)
+        args.resume = True
+    elif args.resume and (out / "config.yaml").is_file():  # the run's own config, with the overrides safe on resume
         cfg = resume_config(out / "config.yaml", args.config, args.overrides)
     else:
         cfg = load_config(args.config, args.overrides)  # every config error before torch is even imported

@@ -266,3 +266,26 @@ def load_weights(ckpt_dir: Path, step: int) -> dict[str, torch.Tensor]:
 def load_state(ckpt_dir: Path, step: int) -> dict:
     """The training state of step ``step``, verified (PolyalignError naming the file when damaged)."""
     return _load(ckpt_dir, step, 1)
+
+
+def branch_checkpoint(src_dir: Path, step: int | None, dst_dir: Path) -> int:
+    """Copy step ``step`` (None: the latest intact one) of the checkpoints in ``src_dir`` into ``dst_dir`` as its only
+    (latest) checkpoint, verified on the way; returns the step. The copy is committed like a save: files first, then
+    the pointer."""
+    src_dir, dst_dir = Path(src_dir), Path(dst_dir)
+    if step is None:
+        step = find_checkpoint(src_dir)
+        if step is None:
+            raise PolyalignError(f"no checkpoint to branch from in {src_dir}")
+    elif step not in _steps_on_disk(src_dir):
+        kept = ", ".join(map(str, sorted(_steps_on_disk(src_dir)))) or "none"
+        raise PolyalignError(f"{src_dir} holds no checkpoint of step {step} (kept steps: {kept})")
+    blobs = {}
+    for which, name in enumerate(_names(step)):
+        _load(src_dir, step, which)  # verified against its checksum (PolyalignError naming a damaged file)
+        blobs[name] = (src_dir / name).read_bytes()
+    dst_dir.mkdir(parents=True, exist_ok=True)
+    for name, data in blobs.items():
+        atomic_write(dst_dir / name, lambda p, data=data: p.write_bytes(data))
+    write_json(dst_dir / "latest.json", {"step": step, "files": {n: _record(d) for n, d in blobs.items()}})
+    return step
