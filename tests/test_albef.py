@@ -305,7 +305,8 @@ def test_eval_forward_is_deterministic_and_leaves_the_global_rng_alone():
 
 
 def test_word_gradcam_picture(tmp_path):
-    from polyalign.app.gradcam_plot import plot_word_gradcam, upsample_map
+    from polyalign.app.gradcam_plot import plot_word_gradcam
+    from polyalign.eval.pointing import upsample_map
     from polyalign.models.heads.gradcam import itm_gradcam
 
     up = upsample_map(torch.tensor([0.0, 1.0, 2.0, 3.0]), (8, 8))

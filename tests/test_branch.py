@@ -56,3 +56,14 @@ def test_branch_errors(tmp_path, capsys):
     capsys.readouterr()
     assert _train(tmp_path, "b", "--branch-from", str(tmp_path / "base")) != 0  # b holds a run now: never overwritten
     assert "already holds a run" in capsys.readouterr().err
+
+
+def test_branch_with_resume_continues_a_started_branch(tmp_path, capsys):
+    assert _train(tmp_path, "base") == 0
+    src = str(tmp_path / "base") + "@2"
+    assert _train(tmp_path, "b", "train.max_steps=3", "--branch-from", src) == 0  # a branch stopped at step 3
+    capsys.readouterr()
+    # rerun by a script with --resume: continues b (from its own step 3), never re-branches over it
+    assert _train(tmp_path, "b", "train.max_steps=4", "--branch-from", src, "--resume") == 0
+    said = capsys.readouterr().out
+    assert "resuming from step 3" in said and "branching" not in said

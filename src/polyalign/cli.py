@@ -79,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", help="run directory (default runs/<recipe name>)")
     t.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint")
     t.add_argument("--branch-from", metavar="RUN[@STEP]", help="start this run from another run's checkpoint (the "
-                   "latest, or STEP): weights, optimizer and step are copied, then training continues under CONFIG")
+                   "latest, or STEP): weights, optimizer and step are copied, then training continues under CONFIG; with "
+                   "--resume, an OUT that already holds the branch continues instead")
     t.set_defaults(func=cmd_train)
     e = sub.add_parser("eval", help="re-evaluate a run (a training or a `polyalign connect` run) and print its metrics as JSON")
     e.add_argument("run_dir")

@@ -85,3 +85,21 @@ def special_ids_of(tokenizer) -> dict[str, int]:
     """``{"[PAD]": id, ...}`` for the special tokens the tokenizer (ours: ``polyalign.tokenizer.Tokenizer``) has."""
     found = {t: tokenizer.tok.token_to_id(t) for t in SPECIALS}
     return {t: i for t, i in found.items() if i is not None}
+
+
+# words a caption uses around its content (articles, prepositions, our captions' templates); the soft mask draws its
+# word among the others (issue 23: Grad-CAM of "a" or "there" says nothing about the image)
+FUNCTION_WORDS = ("a", "an", "the", "is", "are", "there", "of", "and", "with", "to", "in", "on", "at", "it", "its",
+                  "this", "that", "some", "other", "among", "next", "by", "picture", "photo", "image", "emoji",
+                  "shape", "shapes", "object", "objects", "something", "coloured", "colored", "colour", "color",
+                  "number", "face")
+
+
+def function_word_ids(tokenizer) -> list[int]:
+    """Token ids that are not content: every piece of each of ``FUNCTION_WORDS`` as the tokenizer splits it (a word
+    of several pieces, "emoji" = em ##oj ##i in WordPiece, loses all of them: another word starting "em" cannot be
+    drawn either), and WordPiece continuations (``##…``): the soft mask never draws these."""
+    vocab, specials = tokenizer.tok.get_vocab(), set(special_ids_of(tokenizer).values())
+    ids = {i for word in FUNCTION_WORDS for i in tokenizer.tok.encode(word).ids if i not in specials}
+    ids |= {i for piece, i in vocab.items() if piece.startswith("##")}
+    return sorted(ids)

@@ -36,12 +36,8 @@ def cmd_train(args) -> int:
     from polyalign.config.resume import resume_config
 
     out = Path(args.out or Path("runs") / Path(args.config).stem)
-    if getattr(args, "branch_from", None):
-        from polyalign.errors import PolyalignError
-
-        if args.resume:
-            raise PolyalignError("--branch-from starts a new run from another run's checkpoint; --resume continues "
-                                 "this one: pass one of them")
+    if getattr(args, "branch_from", None) and not (args.resume and (out / "config.yaml").is_file()):
+        # (with --resume, a branch that already started continues as a run of its own)
         cfg = load_config(args.config, args.overrides)
         from polyalign.app.branch import start_branch
 

@@ -2,23 +2,13 @@
 masks of arXiv 2304.00719), saved as PNG (matplotlib's Agg canvas, no pyplot state)."""
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-
-def upsample_map(cam: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """One token's map over N = g·g patches (N,) → (H, W), bilinear, min-max normalised to [0, 1]."""
-    grid = math.isqrt(cam.shape[0])
-    if grid * grid != cam.shape[0]:
-        raise ValueError(f"{cam.shape[0]} image tokens do not form a square grid")
-    up = F.interpolate(cam.float().view(1, 1, grid, grid), size=size, mode="bilinear", align_corners=False)[0, 0]
-    lo, hi = up.min(), up.max()
-    return (up - lo) / (hi - lo) if hi > lo else torch.zeros_like(up)
+from polyalign.eval.pointing import upsample_map
 
 
 def plot_word_gradcam(path, image: torch.Tensor, words: list[str], maps: torch.Tensor) -> None:

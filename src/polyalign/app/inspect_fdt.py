@@ -18,7 +18,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from polyalign.errors import PolyalignError
-from polyalign.app.gradcam_plot import upsample_map
+from polyalign.eval.pointing import upsample_map
 
 
 @torch.no_grad()

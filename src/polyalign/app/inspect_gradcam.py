@@ -16,7 +16,8 @@ import numpy as np
 import torch
 
 from polyalign.errors import PolyalignError
-from polyalign.app.gradcam_plot import plot_word_gradcam, upsample_map
+from polyalign.app.gradcam_plot import plot_word_gradcam
+from polyalign.eval.pointing import point_hit, scene_boxes
 
 SPECIALS = {"[CLS]", "[SEP]", "[PAD]", "[MASK]", "[UNK]"}
 
@@ -31,23 +32,6 @@ def _words(tok, ids: torch.Tensor, mask: torch.Tensor) -> list[tuple[int, str]]:
     return out
 
 
-def _boxes(ds, i: int) -> list[dict] | None:
-    """Shapes scenes: each object's colour, shape and box (top, left, bottom, right) in pixels; None for other data."""
-    scenes = getattr(ds, "scenes", None)
-    if scenes is None or "centre" not in scenes:
-        return None
-    from polyalign.data.shapes import SIZES
-
-    side_px, sides = ds.image_size, np.array(list(SIZES.values()))
-    out = []
-    for k, obj in enumerate(ds.objects(i)):
-        cy, cx = scenes["centre"][i, k]
-        half = sides[scenes["size"][i, k], scenes["variant"][i, k]] / 2
-        out.append({"colour": obj["colour"], "shape": obj["shape"],
-                    "box": [(cy - half) * side_px, (cx - half) * side_px, (cy + half) * side_px, (cx + half) * side_px]})
-    return out
-
-
 def _pointing(words, maps, boxes, size: int) -> list[dict]:
     """For each word naming the colour or shape of exactly one object: is the map's peak inside its box?"""
     trials = []
@@ -55,12 +39,8 @@ def _pointing(words, maps, boxes, size: int) -> list[dict]:
         owners = [b for b in boxes if word in (b["colour"], b["shape"])]
         if len(owners) != 1:
             continue
-        heat = upsample_map(cam, (size, size))
-        y, x = divmod(int(heat.argmax()), size)
-        top, left, bottom, right = owners[0]["box"]
-        area = max(0.0, min(bottom, size) - max(top, 0)) * max(0.0, min(right, size) - max(left, 0)) / size ** 2
-        trials.append({"word": word, "hit": bool(top <= y + 0.5 <= bottom and left <= x + 0.5 <= right),
-                       "box_fraction": area})
+        hit, area = point_hit(cam, owners[0]["box"], size)
+        trials.append({"word": word, "hit": hit, "box_fraction": area})
     return trials
 
 
@@ -104,7 +84,7 @@ def inspect_gradcam(run_dir: str | Path, out: str | Path | None = None, n_pictur
         maps = itm_gradcam(model, image[None].float() / 255, ids, mask, layer)[0]  # (L, N)
         words = _words(tok, ids[0], mask[0])
         word_maps = maps[[p for p, _ in words]]
-        boxes = _boxes(ds, i)
+        boxes = scene_boxes(ds, i)
         if boxes is not None:
             for t in _pointing(words, word_maps, boxes, image.shape[-1]):
                 trials.append({"item": i, **t})

@@ -25,7 +25,7 @@ from polyalign.errors import ConfigError, PolyalignError
 from polyalign.losses.objective import Objective
 from polyalign.models.build import build_model
 from polyalign.models.hf_clip import load_clip_dir
-from polyalign.tokenizer import special_ids_of
+from polyalign.tokenizer import function_word_ids, special_ids_of
 from polyalign.train.checkpoint import find_checkpoint
 from polyalign.train.files import truncate_log
 from polyalign.train.curves import plot_curves
@@ -90,7 +90,8 @@ def _set_up(cfg: Config, out: Path, device, resume: bool, show_progress: bool) -
         tokenizer = prepare_tokenizer(cfg, datasets["train"], out)  # loads rank 0's
     tag_names = prepare_views(cfg, datasets, out, main, reuse=resumed)
     model = build_model(cfg.model, cfg.data.image_size, tokenizer.vocab_size, cfg.loss, tag_names,
-                        special_ids_of(tokenizer), train_steps=t.max_steps).to(device)
+                        special_ids_of(tokenizer), train_steps=t.max_steps,
+                        function_ids=function_word_ids(tokenizer)).to(device)
     if cfg.loss.active() & set(FUSION_TERMS) and main:  # the fusion teacher's schedules, resolved for this run
         m, ramp = fusion_schedules(cfg.model.fusion, t.max_steps)
         horizon = f"{1 / (1 - m):.1f} steps" if m < 1 else "inf"

@@ -91,11 +91,13 @@ def fdt_temperature(f) -> float:
 
 
 def build_model(cfg: ModelConfig, image_size: int, vocab_size: int, loss: LossConfig | None = None,
-                tag_names: list[str] = (), special_ids: dict[str, int] | None = None, train_steps: int = 0) -> Model:
+                tag_names: list[str] = (), special_ids: dict[str, int] | None = None, train_steps: int = 0,
+                function_ids=()) -> Model:
     """Encoders (of ``cfg.modalities``) and the heads of the terms with nonzero weight in ``loss`` (tags need the
     training data's ``tag_names``); the fusion terms build the ``FusionModel`` on the same encoders
     (``special_ids``: the tokenizer's ``{"[MASK]": id, ...}``, for MLM; ``train_steps``: the run's length, which the
-    fusion teacher's momentum and α ramp scale with when given as shares of the run)."""
+    fusion teacher's momentum and α ramp scale with when given as shares of the run; ``function_ids``: token ids the
+    soft mask never draws, ``polyalign.tokenizer.function_word_ids``)."""
     terms = loss.active() if loss else set()
     if terms & set(FUSION_TERMS):
         if special_ids is None:
@@ -107,7 +109,8 @@ def build_model(cfg: ModelConfig, image_size: int, vocab_size: int, loss: LossCo
             fusion = bert_fusion_encoder(text_encoder, image_encoder.width, settings.dropout)
             settings = dataclasses.replace(settings, fusion_layers=len(fusion.blocks),
                                            fusion_heads=fusion.blocks[0].heads)
-        return FusionModel(image_encoder, text_encoder, settings, vocab_size, special_ids, fusion_encoder=fusion)
+        return FusionModel(image_encoder, text_encoder, settings, vocab_size, special_ids, fusion_encoder=fusion,
+                           function_ids=function_ids)
     encoders = tuple(build_encoder(cfg, m, image_size, vocab_size) for m in cfg.modalities)
     pools = [getattr(cfg, m).pool or e.pool for m, e in zip(cfg.modalities, encoders)]
     if cfg.inter_head == "max":  # FDT's max pooling without the codebook (image patches only: no [CLS])

@@ -55,11 +55,12 @@ class FusionModel(nn.Module):
     """
 
     def __init__(self, image_encoder: nn.Module, text_encoder: nn.Module, cfg: FusionConfig, vocab_size: int,
-                 special_ids: dict[str, int], fusion_encoder: nn.Module | None = None):
+                 special_ids: dict[str, int], fusion_encoder: nn.Module | None = None, function_ids=()):
         super().__init__()
         check_fusion_config(cfg)
         self.cfg, self.vocab_size = cfg, vocab_size
         self.special_ids = sorted(set(special_ids.values()))
+        self.not_content = sorted(set(self.special_ids) | set(function_ids))  # what the soft mask's word is never
         self.mask_id = special_ids.get("[MASK]")
         self.masking = bool(cfg.mlm_weight) or cfg.text_mask_aug
         if self.masking and self.mask_id is None:
@@ -220,7 +221,7 @@ class FusionModel(nn.Module):
                 maps = gradcam(attn, logits[:b, 1].sum(), self.has_cls)[:b]  # (B, L, N)
             else:  # no graph (validation): a separate pass
                 maps = self.gradcam_maps(v, w, mask)
-            g = word_masks(maps, pick_words(ids, mask, self.special_ids, gen))  # (B, N) in [0, 1], no gradient
+            g = word_masks(maps, pick_words(ids, mask, self.not_content, gen))  # (B, N) in [0, 1], no gradient
             soft = self.fusion(w, mask, apply_soft_mask(v, g, cfg.soft_mask_lambda, self.has_cls))
             logits = torch.cat([logits, self.itm_head(soft[:, 0])])
             labels = torch.cat([labels, torch.ones_like(labels[:b])])
