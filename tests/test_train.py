@@ -118,9 +118,28 @@ ALBEF = ["loss.weights.clip=0", "loss.weights.itc=1", "loss.weights.itm=1", "los
 EFFNET = ["model.image.kind=efficientnet_lite0", "model.image.train_blocks=2"]
 
 
-@pytest.mark.parametrize("nproc,extra", [(1, []), (2, []), (1, MCT_MOCO), (1, ALBEF), (1, EFFNET)],
-                         ids=["1proc", "2proc", "mct-moco", "albef", "efficientnet"])
+def _shards(tmp_path) -> list[str]:
+    """Streaming shards of 256 shapes scenes (8 shards, with a val manifest): the data overrides of a shards run."""
+    from polyalign.data.shapes import ShapesDataset
+    from polyalign.data.export import export_manifest
+    from polyalign.data.shards import write_shards
+
+    root = tmp_path / "data"
+    train = export_manifest(ShapesDataset("train", 256, 32), root, "train", label_field="shape")
+    val = export_manifest(ShapesDataset("val", 64, 32), root, "val", label_field="shape")
+    write_shards(train, root / "shards", shard_size=32, show_progress=False)
+    return ["data.name=shards", f"data.shards={root / 'shards'}", f"data.val_manifest={val}", "data.shuffle_buffer=40"]
+
+
+SHARDS = "shards"  # the data overrides are built per test (_shards)
+
+
+@pytest.mark.parametrize("nproc,extra", [(1, []), (2, []), (1, MCT_MOCO), (1, ALBEF), (1, EFFNET), (1, SHARDS),
+                                         (2, SHARDS)],
+                         ids=["1proc", "2proc", "mct-moco", "albef", "efficientnet", "shards-1proc", "shards-2proc"])
 def test_resume_after_sigkill_is_exact(tmp_path, tiny_overrides, nproc, extra):
+    if extra == SHARDS:  # streamed: each worker's position in its shards is in the checkpoint
+        extra = _shards(tmp_path)
     over = tiny_overrides + extra + ["train.max_steps=48", "train.checkpoint_every=10", "data.num_workers=1",
                                      "model.image.dropout=0.1", "model.text.dropout=0.1"]  # dropout: RNG state must resume
     full = _cli(tmp_path, tmp_path / "full", over, nproc=nproc)

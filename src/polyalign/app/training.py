@@ -21,6 +21,7 @@ from polyalign.config.fusion import fusion_schedules
 from polyalign.config.resume import changed_keys, check_resume_step, unsafe_changes, unsafe_message
 from polyalign.data.build import build_datasets
 from polyalign.data.loader import make_loader, make_stream_loader, to_model_inputs
+from polyalign.data.stream import StreamTracker, resume_stream
 from polyalign.errors import ConfigError, PolyalignError
 from polyalign.losses.objective import Objective
 from polyalign.models.build import build_model
@@ -116,17 +117,19 @@ def _set_up(cfg: Config, out: Path, device, resume: bool, show_progress: bool) -
                if dist.world_size() > 1 else model)
     if t.compile:  # weights stay shared with ``model``, which checkpoints and evaluation use
         forward = torch.compile(forward)
-    if streamed:  # resuming restarts the stream at epoch 0: not yet the exact resume of the in-memory data
-        if resumed and main:
-            print(f"warning: resuming a streamed (data.name=shards) run at step {start}: the stream restarts at its "
-                  "first epoch, so this run will not match an uninterrupted one sample for sample", file=sys.stderr)
-        train_ds.rank, train_ds.world = dist.rank(), dist.world_size()
+    if streamed:  # a resumed stream continues at each worker's position (data/stream.py): exact
+        train_ds.rank, train_ds.world, n_workers = dist.rank(), dist.world_size(), max(cfg.data.num_workers, 1)
+        if resumed and not resume_stream(train_ds, checkpointer.stream_saved, n_workers) and main:
+            print(f"warning: resuming a streamed (data.name=shards) run at step {start} whose checkpoint holds no "
+                  f"stream position for {n_workers} worker(s) per rank: the stream restarts at its first epoch, so "
+                  "this run will not match an uninterrupted one sample for sample", file=sys.stderr)
         loader = make_stream_loader(train_ds, tokenizer, t.batch_size, cfg.data.num_workers, dist.world_size())
+        batches = StreamTracker(iter(loader), n_workers, checkpointer.stream_saved if resumed else None)
+        checkpointer.stream_state = lambda step, tracker=batches: tracker.state(step - start)
     else:
-        loader = make_loader(train_ds, tokenizer, t.batch_size, t.seed, start, cfg.data.num_workers,
-                             dist.rank(), dist.world_size())
+        batches = iter(make_loader(train_ds, tokenizer, t.batch_size, t.seed, start, cfg.data.num_workers,
+                                   dist.rank(), dist.world_size()))
     model.train()
-    batches = iter(loader)
     if cfg.model.fdt.t_fdt_auto == "active" and model.has_fdt and not resumed:  # (a resumed run's T is in its checkpoint)
         first = next(batches)
         _calibrate_fdt(model, to_model_inputs(first, device), cfg.model.fdt.active_target, device, main)

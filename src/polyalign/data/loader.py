@@ -63,6 +63,8 @@ class Collator:
             batch["text"], batch["text_mask"] = self.tokenizer([s["caption"] for s in samples])
         if "caption_view2" in first:
             batch["text_view2"], batch["text_view2_mask"] = self.tokenizer([s["caption_view2"] for s in samples])
+        if "stream" in first:  # a streamed batch (one worker's): the position of its last sample (data/stream.py)
+            batch["stream"] = samples[-1]["stream"]
         if "audio" in first:  # clips of different lengths
             batch["audio"], batch["audio_mask"] = pad_audio([s["audio"] for s in samples])
         return batch
@@ -89,7 +91,9 @@ def make_stream_loader(stream, tokenizer, batch_size: int, num_workers: int,
     each batch comes from one worker's shards."""
     if batch_size % world_size:
         raise DataError(f"train.batch_size ({batch_size}) is not divisible by the world size ({world_size})")
-    return _data_loader(stream, tokenizer, num_workers, batch_size=batch_size // world_size, drop_last=True)
+    return _data_loader(stream, tokenizer, num_workers, batch_size=batch_size // world_size, drop_last=True,
+                        generator=torch.Generator().manual_seed(0))  # the workers' seeds: not from the global RNG,
+    # whose state a resumed run restores first (a draw from it would shift the dropout stream after a resume)
 
 
 def to_model_inputs(batch: dict, device: torch.device | str = "cpu") -> dict:

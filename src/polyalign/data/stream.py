@@ -2,8 +2,15 @@
 the form map-style datasets give (``image``, ``caption``, ``index``, ``labels``), so ``loader.Collator`` batches them.
 
 Epoch e reads this rank's shards of ``iter_shards(seed, e, ...)``, split again across the DataLoader's workers.
-Per-sample randomness (the caption chosen) derives from (sample_seed, epoch, index) as in ``data/base.py``. Not yet
-here: a resumable position (shard, offset, buffer) for exact resume, augmentation and the intra-modal views.
+Per-sample randomness (the caption chosen) derives from (sample_seed, epoch, index) as in ``data/base.py``.
+
+**Exact resume.** A worker's stream is a fixed function of (seed, epoch, rank, worker, the shards), so its position
+is two numbers: the epoch and how many samples of it were yielded. Every sample carries ``stream`` = (worker, epoch,
+count); the collated batch keeps its last sample's (a batch comes from one worker), ``StreamTracker`` records the
+position of each worker's last *consumed* batch, the checkpoint stores it, and a resumed stream (``resume``) starts
+each worker at its epoch and skips the samples already trained on (re-reading them: exact, at the cost of the data
+time those samples took). Batches prefetched but never consumed are simply made again. Not yet here: augmentation
+and the intra-modal views.
 """
 from __future__ import annotations
 
@@ -20,10 +27,15 @@ class ShardStream(torch.utils.data.IterableDataset):
     Skipped samples are counted in ``skip_report`` (of this process: a DataLoader worker keeps its own)."""
 
     def __init__(self, shards, image_size: int = 48, seed: int = 0, buffer: int = 1000, rank: int = 0,
-                 world: int = 1, label_names: dict[str, list[str]] | None = None, start_epoch: int = 0):
+                 world: int = 1, label_names: dict[str, list[str]] | None = None, start_epoch: int = 0,
+                 resume: dict[int, tuple[int, int]] | None = None):
         self.paths = shard_paths(shards)
         self.image_size, self.seed, self.buffer, self.rank, self.world = image_size, seed, buffer, rank, world
         self.start_epoch, self.sample_seed, self.skip_report = start_epoch, 0, SkipReport()
+        self.resume = dict(resume or {})  # worker → (epoch, samples of it already consumed): see StreamTracker
+        # the DataLoader hands out its workers' batches round-robin from worker 0: a resumed loader whose next batch
+        # is (logical) worker k's lets DataLoader worker i play worker (i + k) mod n
+        self.worker_offset = 0
         if label_names is None:
             index = self.paths[0].parent / INDEX
             label_names = read_index(index).get("label_names", {}) if index.is_file() else {}
@@ -33,16 +45,19 @@ class ShardStream(torch.utils.data.IterableDataset):
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         worker, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        worker = (worker + self.worker_offset) % n_workers
         if len(self.paths) < self.world * n_workers:  # a reader without shards would wait forever
             raise DataError(f"{len(self.paths)} shards cannot feed {self.world} rank(s) × {n_workers} worker(s): "
                             "write smaller shards (--shard-size) or use fewer data.num_workers")
-        epoch = self.start_epoch
+        epoch, skip = self.resume.get(worker, (self.start_epoch, 0))
         while True:
             n = 0
             for s in iter_shards(self.paths, self.seed, epoch, self.rank, self.world, worker, n_workers,
                                  self.buffer, self.image_size, self.skip_report):
                 n += 1
-                yield self._sample(s, epoch)
+                if n > skip:
+                    yield {**self._sample(s, epoch), "stream": (worker, epoch, n)}
+            skip = 0
             if n == 0:
                 raise DataError(f"no usable samples in this reader's shards of epoch {epoch} "
                                 f"(skipped: {dict(self.skip_report.skipped)})")
@@ -61,3 +76,49 @@ class ShardStream(torch.utils.data.IterableDataset):
         """Every caption of every sample, in a fixed order (for training the BPE tokenizer); images are not decoded."""
         for s in iter_shards(self.paths, buffer=1, image_size=None, report=SkipReport()):
             yield from s["captions"]
+
+
+class StreamTracker:
+    """Wraps the iterator of a stream loader's batches: takes each batch's ``stream`` (worker, epoch, count) off it
+    and keeps, per worker, the position of the last batch handed on, i.e. trained on (``state``, for the
+    checkpoint; ``ShardStream(resume=...)`` continues from it)."""
+
+    def __init__(self, batches, n_workers: int, state: dict | None = None):
+        self.batches, self.n_workers = batches, n_workers
+        self.positions, self.consumed = {}, 0  # consumed: batches handed on (whose worker comes next: consumed mod n)
+        if state and state.get("n_workers") == n_workers:  # continuing a resumed stream: its history counts
+            self.positions = {int(w): tuple(p) for w, p in state["positions"].items()}
+            self.consumed = int(state.get("consumed", 0))
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        batch = next(self.batches)
+        worker, epoch, count = batch.pop("stream")
+        self._before = self.state()  # an interrupt mid-step checkpoints the step before this batch
+        self.positions[int(worker)] = (int(epoch), int(count))
+        self.consumed += 1
+        self.handed += 1
+        return batch
+
+    handed = 0  # batches handed on by this tracker (this process's run)
+    _before: dict | None = None
+
+    def state(self, handed: int | None = None) -> dict:
+        """The position after the batches trained on; ``handed``: after that many of this tracker's batches (the
+        loop's completed steps since it started: one fewer than handed on when a step was interrupted)."""
+        if handed is not None and handed == self.handed - 1 and self._before is not None:
+            return self._before
+        return {"n_workers": self.n_workers, "consumed": self.consumed,
+                "positions": {str(w): list(p) for w, p in self.positions.items()}}
+
+
+def resume_stream(stream: ShardStream, state: dict | None, n_workers: int) -> bool:
+    """Set ``stream`` to continue from a checkpoint's ``StreamTracker.state()``; False (nothing set) when there is
+    none, or it was saved with another number of workers, whose streams were split otherwise."""
+    if not state or state.get("n_workers") != n_workers:
+        return False
+    stream.resume = {int(w): (int(p[0]), int(p[1])) for w, p in state["positions"].items()}
+    stream.worker_offset = int(state.get("consumed", 0)) % max(n_workers, 1)
+    return True

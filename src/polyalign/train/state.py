@@ -36,12 +36,16 @@ def validation_loss(model, objective, dataset, tokenizer, cfg: Config) -> float:
 
 def _rank_rng_states() -> list[dict]:
     """Every rank's RNG state (rank order), so a resumed DDP run restores each process's own."""
-    state = rng_state()
+    return _gathered(rng_state())
+
+
+def _gathered(obj) -> list:
+    """Every rank's ``obj`` in rank order (a collective under DDP)."""
     if dist.world_size() == 1:
-        return [state]
-    states = [None] * dist.world_size()
-    torch.distributed.all_gather_object(states, state)
-    return states
+        return [obj]
+    objs = [None] * dist.world_size()
+    torch.distributed.all_gather_object(objs, obj)
+    return objs
 
 
 class Checkpointer:
@@ -54,6 +58,9 @@ class Checkpointer:
         self.reporter = reporter or Reporter()
         self.model, self.optimizer, self.objective, self.cfg = model, optimizer, objective, cfg
         self.val_set, self.tokenizer, self.best = val_set, tokenizer, math.inf
+        # a streamed run: step → this rank's StreamTracker state after it, saved with every rank's (``stream``); ``stream_saved``
+        # is what the checkpoint resumed from held (None: nothing)
+        self.stream_state, self.stream_saved = None, None
 
     def latest(self) -> int | None:
         return find_checkpoint(self.dir)
@@ -62,6 +69,7 @@ class Checkpointer:
         """Checkpoint after ``step`` (``rng``: the state to record instead of the current one, for an interrupt
         mid-step); with a validation set, its loss is logged and decides the ``best`` pointer. A collective."""
         states = [rng] if rng is not None else _rank_rng_states()
+        streams = _gathered(self.stream_state(step)) if self.stream_state is not None else None
         if dist.is_main():
             val = (validation_loss(self.model, self.objective, self.val_set, self.tokenizer, self.cfg)
                    if self.val_set is not None else math.nan)
@@ -69,6 +77,8 @@ class Checkpointer:
             self.best = min(self.best, val) if not math.isnan(val) else self.best
             state = {"optimizer": self.optimizer.state_dict(), "scheduler": {"step": step}, "step": step,
                      "rng": states[0], "rng_ranks": states, "best_val_loss": self.best}
+            if streams is not None:
+                state["stream"] = streams
             if not math.isnan(val):  # no val split: nothing to log (NaN is not valid JSON)
                 with open(self.log_path, "a") as f:  # before the commit: a resume from `step` keeps it, one from an
                     f.write(json.dumps({"step": step, "val_loss": val}) + "\n")  # earlier step drops it
@@ -87,6 +97,8 @@ class Checkpointer:
                   f"{dist.world_size()}: RNG streams (dropout) continue from rank 0's")
         set_rng_state(ranks[dist.rank()] if len(ranks) == dist.world_size() else state["rng"])
         self.best = state["best_val_loss"]
+        streams = state.get("stream")
+        self.stream_saved = streams[dist.rank()] if streams and len(streams) == dist.world_size() else None
         if dist.is_main():
             truncate_log(self.log_path, state["step"])  # the killed run may have logged further
             print(f"resuming from step {state['step']}")
