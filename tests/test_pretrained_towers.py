@@ -115,3 +115,29 @@ def test_text_train_layers_fine_tunes_only_the_last_layers():
     assert trainable == {"4", "5"}  # encoder.layer.4 and .5 of MiniLM's 6
     assert not enc.model.embeddings.training and not enc.model.encoder.layer[3].training
     assert enc.model.encoder.layer[5].training
+
+
+def test_prefix_cache_is_kept_on_disk_and_reused(tmp_path, monkeypatch):
+    """2,000+ images: the warmed prefix outputs go to ``cache_store`` and the next tower (same weights, same images)
+    loads them instead of computing, with the same values; other images or another prefix depth: another file."""
+    from polyalign.models.encoders import efficientnet as eff
+
+    torch.manual_seed(0)
+    images = [torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8).float() / 255 for _ in range(2000)]
+    first = EfficientNetLite("efficientnet_lite0", train_blocks=2)
+    first.cache_store = tmp_path
+    assert first.warm_cache(images) == 2000
+    files = list(tmp_path.glob("effnet-prefix-*.pt"))
+    assert len(files) == 1
+    second = EfficientNetLite("efficientnet_lite0", train_blocks=2)
+    second.cache_store = tmp_path
+    calls = []
+    monkeypatch.setattr(eff.EfficientNetLite, "_prefix", lambda self, x: calls.append(1) or None)
+    assert second.warm_cache(images) == 2000 and not calls  # loaded, not computed
+    monkeypatch.undo()
+    k = first._key(images[7])
+    assert torch.equal(first._cache[k], second._cache[k])
+    third = EfficientNetLite("efficientnet_lite0", train_blocks=3)  # a shallower frozen prefix: its own file
+    assert third._store_file(sorted(first._cache)) is None
+    third.cache_store = tmp_path
+    assert third._store_file(sorted(first._cache)) != files[0]

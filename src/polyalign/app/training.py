@@ -104,6 +104,9 @@ def _set_up(cfg: Config, out: Path, device, resume: bool, show_progress: bool) -
     streamed = cfg.data.name == "shards"  # an endless stream of samples: no len, no image(i)
     images = () if cfg.data.augment.enabled or "image" not in cfg.model.modalities or streamed else (  # augmented: never hit
         train_ds.image(i).float() / 255 for i in range(len(train_ds)))  # as the loader makes them
+    image_encoder = getattr(model, "image_encoder", None)
+    if cfg.data.cache_dir and hasattr(image_encoder, "cache_store"):  # the frozen prefix's outputs, kept for next time
+        image_encoder.cache_store = Path(cfg.data.cache_dir)
     if (n := model.prepare(tokenizer, train_ds.all_captions(), images)) and main:  # frozen pretrained towers
         print(f"cached the frozen towers' outputs for {n} captions and images in {time.perf_counter() - t0:.0f} s")
     optimizer, objective = build_optimizer(model, t), Objective(cfg.loss, cfg.model.modalities)

@@ -13,9 +13,11 @@ not in the cache (augmented views, test images) are computed on the fly and not 
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -208,6 +210,21 @@ class EfficientNetLite(nn.Module):
         return torch.stack([fresh[i] if i in fresh else self._cache[k] for i, k in enumerate(keys)]).to(images.device)
 
     WARM_BATCH = 128
+    cache_store: Path | None = None  # a folder (data.cache_dir): the warmed prefix outputs are kept there for next time
+
+    def _store_file(self, keys: list[bytes]) -> Path | None:
+        """Where the prefix outputs of these images are kept: named by a digest of the frozen weights, the
+        variant, the prefix depth and the images' keys (a change to any of them is another file)."""
+        if self.cache_store is None:
+            return None
+        h = hashlib.blake2b(digest_size=16)
+        h.update(f"{self.variant}:{self.n_frozen}:{self.lock}".encode())
+        for module in self._frozen_modules():
+            for t in list(module.parameters()) + list(module.buffers()):
+                h.update(t.detach().cpu().contiguous().numpy().tobytes())
+        for k in keys:
+            h.update(k)
+        return Path(self.cache_store) / f"effnet-prefix-{h.hexdigest()}.pt"
 
     def warm_cache(self, images) -> int:
         """Cache the frozen prefix's outputs for ``images`` (an iterable of (3, H, W) tensors), in fixed batches of
@@ -221,6 +238,13 @@ class EfficientNetLite(nn.Module):
                 distinct[key] = _compact(im)  # 20k images at 128 px: 1 GB as uint8, 3.9 GB as float
         todo = sorted(distinct)
         device = self._conv_stem.weight.device
+        store = self._store_file(todo) if len(todo) >= 2000 else None  # worth a file: minutes to recompute
+        if store is not None and store.is_file():
+            with contextlib.suppress(Exception):  # unreadable or cut short: computed again (and rewritten)
+                saved = torch.load(store, map_location=device, weights_only=True)
+                if saved.shape[0] == len(todo):
+                    self._cache.update(zip(todo, saved.unbind(0)))
+                    return len(todo)
         was_training = self.training
         self.eval()  # the prefix is frozen: eval mode either way
         from tqdm import tqdm
@@ -234,4 +258,13 @@ class EfficientNetLite(nn.Module):
                 self._cache.update(zip(chunk, out.clone()))
                 bar.update(len(chunk))
         self.train(was_training)
+        if store is not None:  # atomically: a kill leaves no half file
+            with contextlib.suppress(OSError):  # a full or read-only disk only costs the next run the time
+                store.parent.mkdir(parents=True, exist_ok=True)
+                tmp = store.with_name(f".{store.name}.tmp{os.getpid()}")
+                try:
+                    torch.save(torch.stack([self._cache[k] for k in todo]).cpu(), tmp)
+                    os.replace(tmp, store)
+                finally:
+                    tmp.unlink(missing_ok=True)
         return len(todo)
