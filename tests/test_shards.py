@@ -283,3 +283,26 @@ def test_a_resumed_stream_continues_exactly(manifest, tmp_path, n_workers, consu
     assert [next(again)["index"].tolist() for _ in range(8)] == whole[consumed:]
     assert again.state() == full.state()  # and a second resume from there would continue the same
     assert not resume_stream(ShardStream(out, image_size=8), state, workers + 1)  # another split: not resumable
+
+
+@pytest.mark.parametrize("n_workers", [0, 2])
+def test_training_counts_each_bad_sample_once_whatever_reader_met_it(manifest, tmp_path, n_workers):
+    """Bad samples met by loader workers reach the run's metrics, each distinct sample once over epochs and workers
+    (the shards are dealt to other workers each epoch: 6 epochs of 4 shards here)."""
+    out = tmp_path / "s"
+    write_shards(manifest, out, shard_size=5, show_progress=False)  # 4 shards of the 20 good samples
+    good = io.BytesIO()
+    Image.new("RGB", (9, 9), "red").save(good, "PNG")
+    meta = json.dumps({"captions": ["a red square"], "labels": {}, "tags": []}).encode()
+    for k, shard in enumerate(sorted(out.glob("*.tar"))):  # one corrupt image appended to each shard
+        with tarfile.open(shard, "a") as tar:
+            _member(tar, f"bad{k}.png", b"garbage")
+            _member(tar, f"bad{k}.json", meta)
+    rows = manifest.read_text().splitlines()[:20]
+    (manifest.parent / "val.jsonl").write_text("\n".join(rows) + "\n")
+    data = ["data.name=shards", f"data.shards={out}", "data.shuffle_buffer=4", f"data.num_workers={n_workers}",
+            f"data.val_manifest={manifest.parent / 'val.jsonl'}", "data.cache_dir="]
+    over = [o for o in TINY if not o.startswith("train.max_steps")] + ["train.max_steps=30"]  # 120 samples: 6 epochs
+    assert main(["train", RECIPE, *data, *over, "--out", str(tmp_path / "run")]) == 0
+    metrics = json.loads((tmp_path / "run/metrics.json").read_text())
+    assert metrics["data/skipped_rows"] == 4

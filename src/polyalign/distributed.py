@@ -202,3 +202,12 @@ def gather_embeddings(out):
     rows = {name: all_gather_with_grad(getattr(out, name)) for name in names}
     return dataclasses.replace(out, gathered=dataclasses.replace(out, **rows),
                                rank_offset=rank() * getattr(out, names[0]).shape[0])
+
+
+def gather_objects(obj) -> list:
+    """Every rank's ``obj`` in rank order (a collective under DDP; ``[obj]`` in one process)."""
+    if world_size() == 1:
+        return [obj]
+    objs = [None] * world_size()
+    dist.all_gather_object(objs, obj)
+    return objs

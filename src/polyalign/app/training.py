@@ -21,7 +21,7 @@ from polyalign.config.fusion import fusion_schedules
 from polyalign.config.resume import changed_keys, check_resume_step, unsafe_changes, unsafe_message
 from polyalign.data.build import build_datasets
 from polyalign.data.loader import make_loader, make_stream_loader, to_model_inputs
-from polyalign.data.stream import StreamTracker, resume_stream
+from polyalign.data.stream import StreamTracker, merged_skips, resume_stream
 from polyalign.errors import ConfigError, PolyalignError
 from polyalign.losses.objective import Objective
 from polyalign.models.build import build_model
@@ -128,7 +128,7 @@ def _set_up(cfg: Config, out: Path, device, resume: bool, show_progress: bool) -
                   "this run will not match an uninterrupted one sample for sample", file=sys.stderr)
         loader = make_stream_loader(train_ds, tokenizer, t.batch_size, cfg.data.num_workers, dist.world_size())
         batches = StreamTracker(iter(loader), n_workers, checkpointer.stream_saved if resumed else None)
-        checkpointer.stream_state = lambda step, tracker=batches: tracker.state(step - start)
+        checkpointer.stream, checkpointer.stream_start = batches, start
     else:
         batches = iter(make_loader(train_ds, tokenizer, t.batch_size, t.seed, start, cfg.data.num_workers,
                                    dist.rank(), dist.world_size()))
@@ -182,6 +182,10 @@ def _train(cfg: Config, out: Path, device, resume: bool, show_progress: bool) ->
 def _fit_and_evaluate(cfg: Config, out: Path, job: Job, datasets: dict, tokenizer) -> dict:
     """The fit loop, then (rank 0) the curves, the evaluation and ``metrics.json``."""
     step = fit(job)
+    if (stream := job.checkpointer.stream) is not None:  # a stream's bad samples were met in its readers
+        snapshots = [s for rank in dist.gather_objects(list(stream.skips.values())) for s in rank]  # (and ranks)
+        if dist.is_main():
+            datasets["train"].skip_report = merged_skips(snapshots)
     if not dist.is_main():
         dist.barrier()  # wait while rank 0 evaluates
         return {}

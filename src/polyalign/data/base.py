@@ -106,6 +106,19 @@ class SkipReport:
         return sum(self.skipped.values())
 
 
+@dataclass
+class DistinctSkipReport(SkipReport):
+    """A ``SkipReport`` that counts each row once however often it is met (a stream re-reads its bad samples every
+    epoch); ``seen`` maps each row's ``where`` to its reason."""
+
+    seen: dict[str, str] = field(default_factory=dict)
+
+    def skip(self, reason: str, where: str, detail: str = "") -> None:
+        if where not in self.seen:
+            self.seen[where] = reason
+            super().skip(reason, where, detail)
+
+
 class ImageTextDataset(torch.utils.data.Dataset):
     """Base class: subclasses fill the abstract accessors; ``__getitem__`` is shared.
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from polyalign.data.base import SkipReport, sample_rng, stable_hash
+from polyalign.data.base import DistinctSkipReport, SkipReport, sample_rng, stable_hash
 from polyalign.data.shards import INDEX, iter_shards, read_index, shard_paths
 from polyalign.errors import DataError
 
@@ -31,7 +31,7 @@ class ShardStream(torch.utils.data.IterableDataset):
                  resume: dict[int, tuple[int, int]] | None = None):
         self.paths = shard_paths(shards)
         self.image_size, self.seed, self.buffer, self.rank, self.world = image_size, seed, buffer, rank, world
-        self.start_epoch, self.sample_seed, self.skip_report = start_epoch, 0, SkipReport()
+        self.start_epoch, self.sample_seed, self.skip_report = start_epoch, 0, DistinctSkipReport()
         self.resume = dict(resume or {})  # worker → (epoch, samples of it already consumed): see StreamTracker
         # the DataLoader hands out its workers' batches round-robin from worker 0: a resumed loader whose next batch
         # is (logical) worker k's lets DataLoader worker i play worker (i + k) mod n
@@ -55,13 +55,22 @@ class ShardStream(torch.utils.data.IterableDataset):
             for s in iter_shards(self.paths, self.seed, epoch, self.rank, self.world, worker, n_workers,
                                  self.buffer, self.image_size, self.skip_report):
                 n += 1
-                if n > skip:
-                    yield {**self._sample(s, epoch), "stream": (worker, epoch, n)}
+                if n > skip:  # with the worker's bad samples so far (rebuilt only when one more is met)
+                    yield {**self._sample(s, epoch), "stream": (worker, epoch, n, self._skips())}
             skip = 0
             if n == 0:
                 raise DataError(f"no usable samples in this reader's shards of epoch {epoch} "
                                 f"(skipped: {dict(self.skip_report.skipped)})")
             epoch += 1
+
+    def _skips(self) -> tuple:
+        """(where, reason) of every distinct bad sample this reader met, and its first examples: a tuple rebuilt only
+        when the report grew (a batch carries its last sample's)."""
+        r = self.skip_report
+        if getattr(self, "_skip_key", None) != (r.n_skipped, len(r.examples)):
+            self._skip_key, self._skip_snapshot = (r.n_skipped, len(r.examples)), (tuple(sorted(r.seen.items())),
+                                                                                     tuple(r.examples))
+        return self._skip_snapshot
 
     def _sample(self, s: dict, epoch: int) -> dict:
         """A shard sample → the training sample of the dataset contract."""
@@ -86,6 +95,7 @@ class StreamTracker:
     def __init__(self, batches, n_workers: int, state: dict | None = None):
         self.batches, self.n_workers = batches, n_workers
         self.positions, self.consumed = {}, 0  # consumed: batches handed on (whose worker comes next: consumed mod n)
+        self.skips: dict[int, tuple] = {}  # worker → its bad samples so far (see ShardStream._skips)
         if state and state.get("n_workers") == n_workers:  # continuing a resumed stream: its history counts
             self.positions = {int(w): tuple(p) for w, p in state["positions"].items()}
             self.consumed = int(state.get("consumed", 0))
@@ -95,7 +105,8 @@ class StreamTracker:
 
     def __next__(self) -> dict:
         batch = next(self.batches)
-        worker, epoch, count = batch.pop("stream")
+        worker, epoch, count, skips = batch.pop("stream")
+        self.skips[int(worker)] = skips
         self._before = self.state()  # an interrupt mid-step checkpoints the step before this batch
         self.positions[int(worker)] = (int(epoch), int(count))
         self.consumed += 1
@@ -122,3 +133,16 @@ def resume_stream(stream: ShardStream, state: dict | None, n_workers: int) -> bo
     stream.resume = {int(w): (int(p[0]), int(p[1])) for w, p in state["positions"].items()}
     stream.worker_offset = int(state.get("consumed", 0)) % max(n_workers, 1)
     return True
+
+
+def merged_skips(snapshots) -> SkipReport:
+    """One report of the bad samples the readers met (each distinct sample once, whichever worker, rank or epoch
+    read it): ``snapshots`` are ``StreamTracker.skips`` values, from every rank."""
+    seen, examples = {}, []
+    for where_reasons, ex in snapshots:
+        seen.update(dict(where_reasons))
+        examples += [e for e in ex if e not in examples]
+    report = SkipReport(total=0, examples=examples[:5])
+    for reason in seen.values():
+        report.skipped[reason] = report.skipped.get(reason, 0) + 1
+    return report

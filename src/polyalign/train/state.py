@@ -36,16 +36,7 @@ def validation_loss(model, objective, dataset, tokenizer, cfg: Config) -> float:
 
 def _rank_rng_states() -> list[dict]:
     """Every rank's RNG state (rank order), so a resumed DDP run restores each process's own."""
-    return _gathered(rng_state())
-
-
-def _gathered(obj) -> list:
-    """Every rank's ``obj`` in rank order (a collective under DDP)."""
-    if dist.world_size() == 1:
-        return [obj]
-    objs = [None] * dist.world_size()
-    torch.distributed.all_gather_object(objs, obj)
-    return objs
+    return dist.gather_objects(rng_state())
 
 
 class Checkpointer:
@@ -58,9 +49,9 @@ class Checkpointer:
         self.reporter = reporter or Reporter()
         self.model, self.optimizer, self.objective, self.cfg = model, optimizer, objective, cfg
         self.val_set, self.tokenizer, self.best = val_set, tokenizer, math.inf
-        # a streamed run: step → this rank's StreamTracker state after it, saved with every rank's (``stream``); ``stream_saved``
-        # is what the checkpoint resumed from held (None: nothing)
-        self.stream_state, self.stream_saved = None, None
+        # a streamed run: its StreamTracker (``stream``; the run started at ``stream_start``), whose state after each
+        # saved step goes into the checkpoint with every rank's; ``stream_saved``: what the resumed checkpoint held
+        self.stream, self.stream_start, self.stream_saved = None, 0, None
 
     def latest(self) -> int | None:
         return find_checkpoint(self.dir)
@@ -69,7 +60,7 @@ class Checkpointer:
         """Checkpoint after ``step`` (``rng``: the state to record instead of the current one, for an interrupt
         mid-step); with a validation set, its loss is logged and decides the ``best`` pointer. A collective."""
         states = [rng] if rng is not None else _rank_rng_states()
-        streams = _gathered(self.stream_state(step)) if self.stream_state is not None else None
+        streams = dist.gather_objects(self.stream.state(step - self.stream_start)) if self.stream is not None else None
         if dist.is_main():
             val = (validation_loss(self.model, self.objective, self.val_set, self.tokenizer, self.cfg)
                    if self.val_set is not None else math.nan)
