@@ -107,6 +107,8 @@ def test_cli_replaces_a_previous_export_and_refuses_a_foreign_folder(clip_run, e
 @pytest.mark.parametrize("overrides, why", [
     (["model.image.kind=cnn"], "no class for the image tower ConvNet"),
     (["model.image.kind=vit"], "CLIPTextModel is causal"),
+    (["model.image.kind=vit", "model.text.kind=hf", "model.text.hf_path=minilm", "model.text.lock=true"],
+     "train with model.text.pool=cls"),  # MiniLM mean-pooled: VisionTextDualEncoderModel cannot express it
 ])
 def test_unsupported_towers_point_to_onnx(tmp_path, overrides, why):
     run = tmp_path / "run"
@@ -171,3 +173,29 @@ def test_init_from_a_folder_without_a_clip_model_is_a_config_error(tmp_path):
         load_config(None, TINY + FAST + CLIP_TOWERS + [f"model.init_from=hf:{tmp_path}"])
     with pytest.raises(ConfigError, match="give hf:DIR"):
         load_config(None, TINY + FAST + CLIP_TOWERS + [f"model.init_from={tmp_path}"])
+
+
+def test_vit_with_minilm_exports_as_a_vision_text_dual_encoder(tmp_path):
+    """A ViT + MiniLM run pooled at [CLS] loads as ``VisionTextDualEncoderModel``; its normalised features equal
+    ours to 1e-5 (BERT's pooler set to a near-identity: tanh(ε·h)/ε), and the saved tokenizer is MiniLM's."""
+    from transformers import AutoTokenizer, VisionTextDualEncoderModel
+
+    run = tmp_path / "run"
+    over = TINY + FAST + ["model.image.kind=vit", "model.text.kind=hf", "model.text.hf_path=minilm",
+                          "model.text.pool=cls", "model.text.train_layers=1", "model.text.context_length=24"]
+    train(load_config(None, over), run, show_progress=False)
+    info = export_hf(run, tmp_path / "hf")
+    assert info["class"] == "VisionTextDualEncoderModel" and max(info["max_abs_diff"].values()) <= 1e-5
+    dual = VisionTextDualEncoderModel.from_pretrained(str(tmp_path / "hf"), local_files_only=True).eval()
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "hf"), local_files_only=True)
+    model = polyalign.load(run)
+    images = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    enc = tok(CAPTIONS, padding="max_length", truncation=True, max_length=24, return_tensors="pt")
+    with torch.no_grad():
+        image = dual.get_image_features(pixel_values=(images - 0.5) / 0.25)
+        text = dual.get_text_features(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+    image = getattr(image, "pooler_output", image)
+    text = getattr(text, "pooler_output", text)
+    ours_image, ours_text = model.encode_image(images), model.encode_text(CAPTIONS)
+    assert torch.allclose(F.normalize(image, dim=-1), torch.as_tensor(ours_image), atol=1e-5)
+    assert torch.allclose(F.normalize(text, dim=-1), torch.as_tensor(ours_text), atol=1e-5)

@@ -226,13 +226,13 @@ def _serve_parsers(sub) -> None:
     sv.add_argument("--threads", type=int, default=0, help="torch and FAISS threads (0: their defaults); 1 can be "
                     "faster for single queries on a busy machine (benchmarks/results/search.md)")
     sv.set_defaults(func=cmd_serve)
-    ex = sub.add_parser("export", help="export a run's towers (ONNX, or a Hugging Face CLIPModel folder), each "
-                        "checked against PyTorch")
+    ex = sub.add_parser("export", help="export a run's towers (ONNX, or a Hugging Face CLIPModel / "
+                        "VisionTextDualEncoderModel folder), each checked against PyTorch")
     ex.add_argument("run_dir")
     fmt = ex.add_mutually_exclusive_group(required=True)
     fmt.add_argument("--onnx", help="output folder: <tower>.onnx, onnx.json, tokenizer.json")
     fmt.add_argument("--hf", help="output folder that transformers loads offline: CLIPModel.from_pretrained(OUT) "
-                     "(vit + causal text towers)")
+                     "(vit + causal text towers) or VisionTextDualEncoderModel (vit + a [CLS]-pooled HF text tower)")
     ex.add_argument("--which", choices=("auto", "best", "latest"), default="auto", help="checkpoint to export")
     ex.set_defaults(func=cmd_export)
 

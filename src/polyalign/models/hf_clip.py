@@ -30,8 +30,7 @@ def clip_mismatch(model) -> str:
         return (f"transformers has no class for the image tower {type(model.image_encoder).__name__} (only "
                 f"model.image.kind=vit maps onto CLIPVisionModel)")
     if not isinstance(model.text_encoder, TextTransformer):
-        return ("a pretrained HF text tower (model.text.kind=hf) pools by the mean of its tokens, which "
-                "VisionTextDualEncoderModel (BERT's pooler, tanh(dense([CLS]))) cannot express")
+        return "a pretrained HF text tower (model.text.kind=hf) maps onto VisionTextDualEncoderModel, not CLIPModel"
     if model.fdt is not None:
         return "the run embeds with its FDT head, which CLIPModel has no place for"
     if not isinstance(model.image_head.proj, torch.nn.Linear):
@@ -56,21 +55,33 @@ def _layers(prefix: str, transformer, sd: dict) -> None:
             sd[f"{p}{name}.weight"], sd[f"{p}{name}.bias"] = module.weight, module.bias
 
 
-def _aliases(model) -> dict:
-    """HF name → a view of our tensor, for every CLIPModel weight but the vision positions and the logit scale."""
-    vit, text = model.image_encoder, model.text_encoder
+def _vision_aliases(vit) -> dict:
+    """HF name → a view of our tensor, for every CLIPVisionModel weight but the positions (``vision_model.*``)."""
     sd = {"vision_model.embeddings.class_embedding": vit.cls.view(-1),
           "vision_model.embeddings.patch_embedding.weight": vit.patch.weight,
           "vision_model.pre_layrnorm.weight": vit.ln_pre.weight, "vision_model.pre_layrnorm.bias": vit.ln_pre.bias,
           "vision_model.post_layernorm.weight": vit.transformer.ln.weight,
-          "vision_model.post_layernorm.bias": vit.transformer.ln.bias,
+          "vision_model.post_layernorm.bias": vit.transformer.ln.bias}
+    _layers("vision_model", vit.transformer, sd)
+    return sd
+
+
+def _vision_positions(vit) -> torch.Tensor:
+    pos = vit.pos[0].detach().clone()  # (1 + N, W)
+    pos[1:] += vit.patch.bias.detach()  # HF's patch convolution has no bias: ours joins every patch's position
+    return pos
+
+
+def _aliases(model) -> dict:
+    """HF name → a view of our tensor, for every CLIPModel weight but the vision positions and the logit scale."""
+    text = model.text_encoder
+    sd = {**_vision_aliases(model.image_encoder),
           "text_model.embeddings.token_embedding.weight": text.embed.weight,
           "text_model.embeddings.position_embedding.weight": text.pos[0],
           "text_model.final_layer_norm.weight": text.transformer.ln.weight,
           "text_model.final_layer_norm.bias": text.transformer.ln.bias,
           "visual_projection.weight": model.image_head.proj.weight,
           "text_projection.weight": model.text_head.proj.weight}
-    _layers("vision_model", vit.transformer, sd)
     _layers("text_model", text.transformer, sd)
     return sd
 
@@ -80,11 +91,8 @@ POSITIONS = "vision_model.embeddings.position_embedding.weight"
 
 def clip_state_dict(model) -> dict[str, torch.Tensor]:
     """``model``'s weights under CLIPModel's names (copies); the logit scale as clamped in training."""
-    vit = model.image_encoder
     sd = {k: v.detach().clone() for k, v in _aliases(model).items()}
-    pos = vit.pos[0].detach().clone()  # (1 + N, W)
-    pos[1:] += vit.patch.bias.detach()  # HF's patch convolution has no bias: ours joins every patch's position
-    sd[POSITIONS] = pos
+    sd[POSITIONS] = _vision_positions(model.image_encoder)
     sd["logit_scale"] = model.logit_scale.detach().clamp(0.0, model.max_log_scale).clone()
     return sd
 
@@ -116,3 +124,47 @@ def load_clip_dir(model, path: str | Path) -> None:
     if acts != {"gelu"}:
         raise ConfigError(f"model.init_from=hf:{path}: hidden_act {sorted(acts)}; our blocks use exact GELU only")
     load_clip_state_dict(model, clip.state_dict())
+
+
+POOLER_EPS = 1e-4  # VisionTextDualEncoderModel pools text by tanh(dense([CLS])): dense = ε·I makes it ε·[CLS] to ~1e-8
+
+
+def dual_mismatch(model) -> str:
+    """Why ``model`` does not map onto ``VisionTextDualEncoderModel`` (a ViT + a pretrained BERT-like text tower
+    pooled at [CLS]); "" when it does."""
+    from polyalign.models.dual import DualEncoder
+    from polyalign.models.encoders.image import ViT
+    from polyalign.models.encoders.text import HFTextEncoder
+
+    if not isinstance(model, DualEncoder) or not isinstance(model.text_encoder, HFTextEncoder):
+        return "not a dual encoder with a pretrained HF text tower"
+    if not isinstance(model.image_encoder, ViT):
+        return (f"transformers has no class for the image tower {type(model.image_encoder).__name__} (only "
+                f"model.image.kind=vit maps onto CLIPVisionModel)")
+    if model.fdt is not None:
+        return "the run embeds with its FDT head, which VisionTextDualEncoderModel has no place for"
+    if not isinstance(model.image_head.proj, torch.nn.Linear):
+        return "model.inter_head=mlp: VisionTextDualEncoderModel's projections are single linear maps"
+    if model.image_head.pool != "cls":
+        return "CLIPVisionModel pools [CLS]: this image tower pools by the mean"
+    if model.text_head.pool != "cls" or getattr(model.text_encoder.model, "pooler", None) is None:
+        return ("VisionTextDualEncoderModel pools the text tower at [CLS] (through BERT's pooler): train with "
+                "model.text.pool=cls to export it (a mean-pooled tower cannot be expressed there)")
+    return ""
+
+
+def dual_state_dict(model) -> dict[str, torch.Tensor]:
+    """``model``'s weights under VisionTextDualEncoderModel's names (copies): the ViT as its CLIPVisionModel, the
+    text tower as it is, its pooler set to dense = ε·I, b = 0 (so tanh(ε·h)/ε = h to (ε·h)²/3) and the text
+    projection divided by ε."""
+    vit = model.image_encoder
+    vision = {k: v.detach().clone() for k, v in _vision_aliases(vit).items()} | {POSITIONS: _vision_positions(vit)}
+    sd = dict(vision)  # transformers keeps the CLIPVisionModel's own names (vision_model.*)
+    sd |= {f"text_model.{k}": v.detach().clone() for k, v in model.text_encoder.model.state_dict().items()}
+    width = model.text_encoder.width
+    sd["text_model.pooler.dense.weight"] = torch.eye(width) * POOLER_EPS
+    sd["text_model.pooler.dense.bias"] = torch.zeros(width)
+    sd["visual_projection.weight"] = model.image_head.proj.weight.detach().clone()
+    sd["text_projection.weight"] = model.text_head.proj.weight.detach().clone() / POOLER_EPS
+    sd["logit_scale"] = model.logit_scale.detach().clamp(0.0, model.max_log_scale).clone()
+    return sd

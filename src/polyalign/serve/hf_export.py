@@ -6,8 +6,10 @@ normalisation, and ``polyalign_export.json`` (the run, the step, the measured di
 (``polyalign.models.hf_clip``: a ``vit`` image tower and a ``model.text.causal=true model.text.pool=eos`` text
 transformer); our in-tower normalisation ``(x − 0.5) / 0.25`` becomes the image processor's mean/std.
 
-Towers HF has no class for (cnn, efficientnet_*, audio, points) and a pretrained HF text tower (BERT-style models pool
-``tanh(dense([CLS]))`` in ``VisionTextDualEncoderModel``, not our mean) raise a ``PolyalignError`` pointing to ONNX.
+A ViT with a pretrained HF text tower (MiniLM) becomes a ``VisionTextDualEncoderModel`` when its text is pooled at [CLS]
+(``model.text.pool=cls``): that class pools ``tanh(dense([CLS]))``, so the export sets BERT's pooler to a near-identity
+(``models.hf_clip.dual_state_dict``); a mean-pooled text tower cannot be expressed there. Towers HF has no class for
+(cnn, efficientnet_*, audio, points) raise a ``PolyalignError`` pointing to ONNX.
 """
 from __future__ import annotations
 
@@ -20,36 +22,60 @@ import torch
 
 from polyalign.errors import PolyalignError
 from polyalign.models.encoders.image import MEAN, STD  # the in-tower normalisation
-from polyalign.models.hf_clip import clip_mismatch, clip_state_dict
+from polyalign.models.hf_clip import clip_mismatch, clip_state_dict, dual_mismatch, dual_state_dict
 from polyalign.train.files import write_json
 
 CAPTIONS = ["a red heart", "two small blue stars on a white background", "a green triangle", "x"]
 TOLERANCE = 1e-5
 
 
-def check_exportable(run_dir, model) -> None:
-    """A ``PolyalignError`` (pointing to ``--onnx``) unless the run maps exactly onto ``transformers.CLIPModel``."""
-    why = clip_mismatch(model)
+def check_exportable(run_dir, model) -> str:
+    """The transformers class the run maps onto (``CLIPModel``: ViT + our text transformer; ``VisionTextDualEncoderModel``:
+    ViT + a pretrained HF text tower), or a ``PolyalignError`` pointing to ``--onnx``."""
+    from polyalign.models.encoders.text import HFTextEncoder
+
+    dual = isinstance(getattr(model, "text_encoder", None), HFTextEncoder)
+    why = dual_mismatch(model) if dual else clip_mismatch(model)
     if why:
         raise PolyalignError(f"{run_dir}: cannot export as Hugging Face: {why}; export it as ONNX instead: "
                              f"polyalign export {run_dir} --onnx OUT")
+    return "VisionTextDualEncoderModel" if dual else "CLIPModel"
 
 
-def clip_config(cfg, model, tok):
-    """The ``CLIPConfig`` of the run's towers."""
+def to_dual(cfg, model, tok):
+    """A ``transformers.VisionTextDualEncoderModel`` holding the run's weights (eval mode)."""
+    from transformers import CLIPVisionConfig, VisionTextDualEncoderConfig, VisionTextDualEncoderModel
+
+    vision = clip_config(cfg, model, tok, text=False)
+    config = VisionTextDualEncoderConfig.from_vision_text_configs(
+        CLIPVisionConfig(**vision), model.text_encoder.model.config, projection_dim=cfg.model.embed_dim,
+        logit_scale_init_value=min(max(float(model.logit_scale.detach()), 0.0), model.max_log_scale))
+    dual = VisionTextDualEncoderModel(config)
+    missing, unexpected = dual.load_state_dict(dual_state_dict(model), strict=False)
+    missing = [k for k in missing if not k.endswith("position_ids")]  # buffers transformers rebuilds itself
+    if missing or unexpected:
+        raise PolyalignError(f"internal: the dual-encoder mapping left {missing} unset and {unexpected} unused")
+    return dual.eval()
+
+
+def clip_config(cfg, model, tok, text: bool = True):
+    """The ``CLIPConfig`` of the run's towers (``text=False``: the vision config's fields alone)."""
     from transformers import CLIPConfig
 
-    vit, text = model.image_encoder, model.text_encoder
+    vit = model.image_encoder
     common = dict(hidden_act="gelu", layer_norm_eps=1e-5, attention_dropout=0.0, projection_dim=cfg.model.embed_dim)
+    vision_cfg = dict(hidden_size=vit.width, num_hidden_layers=len(vit.transformer.blocks),
+                      intermediate_size=vit.transformer.blocks[0].mlp[0].out_features,
+                      num_attention_heads=vit.transformer.blocks[0].heads, image_size=cfg.data.image_size,
+                      patch_size=vit.patch.kernel_size[0], num_channels=3, **common)
+    if not text:
+        return vision_cfg
+    text = model.text_encoder
     ids = {t: tok.tok.token_to_id(t) for t in ("[PAD]", "[CLS]", "[SEP]")}
     text_cfg = dict(vocab_size=tok.vocab_size, hidden_size=text.width, num_hidden_layers=len(text.transformer.blocks),
                     intermediate_size=text.transformer.blocks[0].mlp[0].out_features,
                     num_attention_heads=text.transformer.blocks[0].heads, max_position_embeddings=text.pos.shape[1],
                     pad_token_id=ids["[PAD]"], bos_token_id=ids["[CLS]"], eos_token_id=ids["[SEP]"], **common)
-    vision_cfg = dict(hidden_size=vit.width, num_hidden_layers=len(vit.transformer.blocks),
-                      intermediate_size=vit.transformer.blocks[0].mlp[0].out_features,
-                      num_attention_heads=vit.transformer.blocks[0].heads, image_size=cfg.data.image_size,
-                      patch_size=vit.patch.kernel_size[0], num_channels=3, **common)
     scale = min(max(float(model.logit_scale.detach()), 0.0), model.max_log_scale)  # as DualEncoder.scale clamps it
     return CLIPConfig(text_config=text_cfg, vision_config=vision_cfg, projection_dim=cfg.model.embed_dim,
                       logit_scale_init_value=scale)
@@ -115,14 +141,15 @@ def export_hf(run_dir, out, which: str = "latest") -> dict:
     if out.exists() and any(out.iterdir()) and not (out / "polyalign_export.json").is_file():
         raise PolyalignError(f"{out} exists and is not a polyalign HF export: give a new folder")
     cfg, model, tok = load_run(run_dir, which)
-    check_exportable(run_dir, model)
-    clip, hf_tok = to_clip(cfg, model, tok), hf_tokenizer(tok)
+    kind = check_exportable(run_dir, model)
+    clip = to_clip(cfg, model, tok) if kind == "CLIPModel" else to_dual(cfg, model, tok)
+    hf_tok = hf_tokenizer(tok)
     diffs = max_diff(clip, hf_tok, model, tok, cfg.data.image_size)
     if max(diffs.values()) > TOLERANCE:
         raise PolyalignError(f"internal: the HF model differs from the run by {diffs} (> {TOLERANCE})")
     from polyalign.train.checkpoint import find_checkpoint
 
-    info = {"format": "polyalign-hf", "class": "CLIPModel", "run": str(run_dir),
+    info = {"format": "polyalign-hf", "class": kind, "run": str(run_dir),
             "step": int(find_checkpoint(run_dir / "checkpoints", which)), "max_abs_diff": diffs,
             "logit_scale": math.exp(clip.config.logit_scale_init_value),
             "preprocessing": f"images: CLIPImageProcessor (mean {MEAN}, std {STD} after /255); text: AutoTokenizer with "
