@@ -162,6 +162,11 @@ def _paste(flat: np.ndarray, h: int, s: int, alpha: np.ndarray, scene: np.ndarra
     flat[idx] = out
 
 
+def object_tags(objects: list[dict[str, str]]) -> list[str]:
+    """A scene's tags: each object's colour, shape and "colour shape", first occurrence kept, in order."""
+    return list(dict.fromkeys(t for o in objects for t in (o["colour"], o["shape"], f"{o['colour']} {o['shape']}")))
+
+
 class ShapesDataset(ImageTextDataset):
     """Procedural scenes of 1–3 coloured shapes with grammar captions (train/val/test splits)."""
 
@@ -223,8 +228,7 @@ class ShapesDataset(ImageTextDataset):
                 "position": int(sc["cell"][i, 0]), "count": 0}
 
     def tags(self, i: int) -> list[str]:
-        tags = [t for o in self.objects(i) for t in (o["colour"], o["shape"], f"{o['colour']} {o['shape']}")]
-        return list(dict.fromkeys(tags))
+        return object_tags(self.objects(i))
 
     def captions(self, i: int) -> list[str]:
         rng = random.Random(f"{VERSION}:{self.seed}:{self.split}:{i}")

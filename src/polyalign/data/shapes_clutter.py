@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from polyalign.data.base import ImageTextDataset, SkipReport, cached_array, stable_hash
-from polyalign.data.shapes import BLOCK, COLOURS, SHAPES, SPLITS, _render_block
+from polyalign.data.shapes import BLOCK, COLOURS, SHAPES, SPLITS, _render_block, object_tags
 from polyalign.errors import DataError
 
 VERSION = "clutter-v1"  # bump whenever rendering or scene sampling changes: it keys the on-disk cache
@@ -181,8 +181,7 @@ class ShapesClutterDataset(ImageTextDataset):
         return {"count": int(self.scenes["count"][i]) - self.object_range[0]}
 
     def tags(self, i: int) -> list[str]:
-        tags = [t for o in self.objects(i) for t in (o["colour"], o["shape"], f"{o['colour']} {o['shape']}")]
-        return list(dict.fromkeys(tags))
+        return object_tags(self.objects(i))
 
     def captions(self, i: int) -> list[str]:
         """One caption per object, each naming that object by colour and shape, in a shuffled order."""

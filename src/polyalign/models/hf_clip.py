@@ -19,27 +19,35 @@ from polyalign.errors import ConfigError
 def clip_mismatch(model) -> str:
     """Why ``model`` does not map exactly onto ``CLIPModel`` ("" when it does)."""
     from polyalign.models.dual import DualEncoder
-    from polyalign.models.encoders.image import ViT
     from polyalign.models.encoders.text import TextTransformer
 
     if not isinstance(model, DualEncoder) or tuple(model.modalities) != ("image", "text"):
         towers = ", ".join(getattr(model, "modalities", ()))
         return (f"transformers has no dual-encoder class for the towers {towers} (only image–text dual encoders map) "
                 f"or for the fusion model")
-    if not isinstance(model.image_encoder, ViT):
-        return (f"transformers has no class for the image tower {type(model.image_encoder).__name__} (only "
-                f"model.image.kind=vit maps onto CLIPVisionModel)")
     if not isinstance(model.text_encoder, TextTransformer):
         return "a pretrained HF text tower (model.text.kind=hf) maps onto VisionTextDualEncoderModel, not CLIPModel"
-    if model.fdt is not None:
-        return "the run embeds with its FDT head, which CLIPModel has no place for"
-    if not isinstance(model.image_head.proj, torch.nn.Linear):
-        return "model.inter_head=mlp: CLIPModel's projections are single linear maps"
-    if model.image_head.pool != "cls":
-        return "CLIPVisionModel pools [CLS]: this image tower pools by the mean"
+    if why := _image_side_mismatch(model, "CLIPModel"):
+        return why
     if not model.text_encoder.causal or model.text_head.pool != "eos":
         return ("CLIPTextModel is causal and pools at [SEP]: train with model.text.causal=true model.text.pool=eos "
                 "to map onto CLIPModel")
+    return ""
+
+
+def _image_side_mismatch(model, target: str) -> str:
+    """What keeps a dual encoder's image tower, heads or FDT from mapping onto ``target`` ("" when nothing does)."""
+    from polyalign.models.encoders.image import ViT
+
+    if not isinstance(model.image_encoder, ViT):
+        return (f"transformers has no class for the image tower {type(model.image_encoder).__name__} (only "
+                f"model.image.kind=vit maps onto CLIPVisionModel)")
+    if model.fdt is not None:
+        return f"the run embeds with its FDT head, which {target} has no place for"
+    if not isinstance(model.image_head.proj, torch.nn.Linear):
+        return f"model.inter_head=mlp (or max): {target}'s projections are single linear maps"
+    if model.image_head.pool != "cls":
+        return "CLIPVisionModel pools [CLS]: this image tower pools by the mean"
     return ""
 
 
@@ -133,20 +141,12 @@ def dual_mismatch(model) -> str:
     """Why ``model`` does not map onto ``VisionTextDualEncoderModel`` (a ViT + a pretrained BERT-like text tower
     pooled at [CLS]); "" when it does."""
     from polyalign.models.dual import DualEncoder
-    from polyalign.models.encoders.image import ViT
     from polyalign.models.encoders.text import HFTextEncoder
 
     if not isinstance(model, DualEncoder) or not isinstance(model.text_encoder, HFTextEncoder):
         return "not a dual encoder with a pretrained HF text tower"
-    if not isinstance(model.image_encoder, ViT):
-        return (f"transformers has no class for the image tower {type(model.image_encoder).__name__} (only "
-                f"model.image.kind=vit maps onto CLIPVisionModel)")
-    if model.fdt is not None:
-        return "the run embeds with its FDT head, which VisionTextDualEncoderModel has no place for"
-    if not isinstance(model.image_head.proj, torch.nn.Linear):
-        return "model.inter_head=mlp: VisionTextDualEncoderModel's projections are single linear maps"
-    if model.image_head.pool != "cls":
-        return "CLIPVisionModel pools [CLS]: this image tower pools by the mean"
+    if why := _image_side_mismatch(model, "VisionTextDualEncoderModel"):
+        return why
     if model.text_head.pool != "cls" or getattr(model.text_encoder.model, "pooler", None) is None:
         return ("VisionTextDualEncoderModel pools the text tower at [CLS] (through BERT's pooler): train with "
                 "model.text.pool=cls to export it (a mean-pooled tower cannot be expressed there)")
