@@ -13,6 +13,9 @@ Writes ``benchmarks/results/bench.json`` and ``benchmarks/results/bench.md``.
              extra memory (fresh subprocesses) and the largest difference of outputs and gradients
   augment    SimCLR-like view augmentation on one process (one torch thread, as in a loader worker), images/s
              next to the train step's samples/s measured in the same run
+  shards     one epoch of 20k- and 200k-image shard sets through the training stream loader (2 workers, fresh
+             processes): samples/s next to the train step's, and peak RSS of the process and its workers, beside the
+             in-memory manifest loader's peak RSS at 20k and 200k images (not in the default set: it writes ~0.8 GB)
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from bench_data import LOADER_RECIPES, bench_augment, bench_loader
+from bench_data import LOADER_RECIPES, bench_augment, bench_loader, bench_shards
 from bench_fdt import bench_fdt
 from bench_loss import bench_loss
 from bench_retrieval import bench_retrieval
@@ -93,6 +96,21 @@ def markdown(res: dict) -> str:
                   f"{_fmt(train and r['images_per_s'] / train, '.1f')} |", "",
                   "With two views per sample the loader must augment 2 images per trained sample, shared among its "
                   "workers.", ""]
+    if res.get("shards"):
+        train, sh = _train_samples_per_s(res), res["shards"]
+        lines += ["## Streaming shards vs the in-memory manifest loader", "",
+                  "| loader | images | samples/s | train step samples/s | ratio | peak RSS (MB) |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| shards, {r['workers']} workers (RSS: process + workers) | {r['samples']:,} | "
+                  f"{r['samples_per_s']:.0f} | {_fmt(train, '.0f')} | {_fmt(train and r['samples_per_s'] / train, '.1f')}× "
+                  f"| {r['peak_rss_mb']:.0f} |" for r in sh["shards"]]
+        lines += [f"| manifest, in memory (loading) | {r['samples']:,} | – | – | – | {r['peak_rss_mb']:.0f} |"
+                  for r in sh["manifest"]]
+        if len(sh["shards"]) > 1:
+            a, b = sh["shards"][0], sh["shards"][-1]
+            lines += ["", f"Shards' peak RSS at {b['samples']:,} ÷ at {a['samples']:,} images: "
+                          f"{b['peak_rss_mb'] / a['peak_rss_mb']:.2f}×."]
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -116,6 +134,7 @@ def main(argv=None) -> int:
     p.add_argument("--retrieval-n", type=int, default=100_000)
     p.add_argument("--fdt-size", default="256,196,16384,512", help="FDT section: B,N,C,D")
     p.add_argument("--augment-n", type=int, default=2000, help="images augmented in the augment section")
+    p.add_argument("--shard-sizes", default="20000,200000", help="shards section: images per shard set")
     p.add_argument("--out", default=str(HERE / "results"))
     args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -136,6 +155,11 @@ def main(argv=None) -> int:
         res["fdt"] = bench_fdt(*[int(x) for x in args.fdt_size.split(",")], device=device.type)
     if "augment" in only:
         res["augment"] = bench_augment(args.augment_n)
+    if "shards" in only:
+        if not res.get("loader"):  # the train step to compare with, measured in this run
+            res["loader"] = [bench_loader(40)]
+        sizes = [int(x) for x in args.shard_sizes.split(",")]
+        res["shards"] = bench_shards(sizes, manifest_sizes=sizes)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(res, indent=2))
