@@ -93,7 +93,7 @@ def test_cell_names_use_whole_keys_when_last_parts_clash():
 
 
 def test_a_grid_sweep_killed_with_sigkill_resumes_to_one_table(tmp_path, tiny_overrides):
-    """The real thing: `polyalign sweep --grid … --jobs 2` SIGKILLed (the whole process group: CLI and its two
+    """The real thing: `polyalign sweep --grid … --seeds 0,1 --jobs 2` (2 × 2 cells × 2 seeds) SIGKILLed (the whole process group: CLI and its two
     workers) while cells train; no worker outlives it, and the same command run again finishes every cell — the
     killed ones resumed from their checkpoints — with one table of four rows."""
     import os
@@ -109,13 +109,13 @@ def test_a_grid_sweep_killed_with_sigkill_resumes_to_one_table(tmp_path, tiny_ov
     recipe.write_text("train: {seed: 0}\n")
     slow = [o for o in tiny_overrides + FAST if not o.startswith(("train.max_steps", "train.checkpoint_every"))]
     cmd = [sys.executable, "-m", "polyalign", "sweep", str(recipe), *[a for g in GRID for a in ("--grid", g)],
-           "--seeds", "0", "--out", str(out), "--jobs", "2", "--metrics", key, *slow, "train.max_steps=60",
+           "--seeds", "0,1", "--out", str(out), "--jobs", "2", "--metrics", key, *slow, "train.max_steps=60",
            "train.checkpoint_every=5", "train.threads=2"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True)
     deadline = time.time() + 240
-    ckpts = lambda: list(out.glob("*/seed-0/checkpoints/latest.json"))
+    ckpts = lambda: list(out.glob("*/seed-*/checkpoints/latest.json"))
     while time.time() < deadline and proc.poll() is None and len(ckpts()) < 2:  # two cells mid-training
         time.sleep(0.05)
     assert proc.poll() is None, proc.stderr.read()
@@ -127,11 +127,12 @@ def test_a_grid_sweep_killed_with_sigkill_resumes_to_one_table(tmp_path, tiny_ov
     while any(map(_alive, tree)) and time.time() < deadline:
         time.sleep(0.05)
     assert not any(map(_alive, tree)), "sweep workers outlived the killed sweep"
-    unfinished = [c for c in CELLS if not (out / c / "seed-0" / "metrics.json").is_file()]
+    unfinished = [c for c in CELLS if not all((out / c / f"seed-{s}" / "metrics.json").is_file() for s in (0, 1))]
     assert unfinished  # the kill caught cells mid-training
     again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     resumed = [c for c in unfinished if "(resuming)" in (out / c / "sweep.log").read_text()]
     assert resumed  # a killed cell continued from its checkpoint (each worker's output is in its cell's log)
     rows = [line for line in (out / "summary.md").read_text().splitlines() if line.startswith("| lr=")]
-    assert len(rows) == 4 and all((out / c / "seed-0" / "metrics.json").is_file() for c in CELLS)
+    assert len(rows) == 4 and all((out / c / f"seed-{s}" / "metrics.json").is_file() for c in CELLS for s in (0, 1))
+    assert all(row.split(" | ")[3] == "2" for row in rows)  # both seeds of every cell in the table
