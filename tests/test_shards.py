@@ -258,6 +258,7 @@ def test_an_error_mid_write_leaves_only_finished_shards(manifest, tmp_path, monk
     assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["00000.tar"]  # no .tmp, no shards.json
 
 
+@pytest.mark.filterwarnings("ignore:This DataLoader will create 3 worker processes")  # 3 workers on 2 cores: on purpose
 @pytest.mark.parametrize("n_workers,consumed", [(0, 3), (0, 7), (2, 3), (2, 6), (3, 5)])
 def test_a_resumed_stream_continues_exactly(manifest, tmp_path, n_workers, consumed):
     """The loader's position (per worker: epoch and samples consumed; which worker's batch comes next) continues the
