@@ -48,6 +48,9 @@ def test_bad_splits_are_clear_errors():
     with pytest.raises(ConfigError, match="model.text.kind=hf"):
         load_config(None, ["loss.weights.clip=0", "loss.weights.itc=1", "loss.weights.itm=1",
                            "model.fusion.text_split=2"])
+    with pytest.raises(ConfigError, match="text_split=6: 'minilm' has 6 layers; keep 1 to 5"):
+        load_config(None, ["loss.weights.clip=0", "loss.weights.itc=1", "loss.weights.itm=1", "model.text.kind=hf",
+                           "model.text.hf_path=minilm", "model.fusion.text_split=6"])
     # the Grad-CAM layer is checked against the fusion layers the split leaves (MiniLM-L6 split at 4: 2 layers)
     with pytest.raises(ConfigError, match="gradcam_layer"):
         load_config(None, ["loss.weights.clip=0", "loss.weights.itc=1", "loss.weights.itm=1", "model.text.kind=hf", "model.text.hf_path=minilm",

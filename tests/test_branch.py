@@ -67,3 +67,29 @@ def test_branch_with_resume_continues_a_started_branch(tmp_path, capsys):
     assert _train(tmp_path, "b", "train.max_steps=4", "--branch-from", src, "--resume") == 0
     said = capsys.readouterr().out
     assert "resuming from step 3" in said and "branching" not in said
+
+
+def test_a_branch_takes_its_own_fdt_temperature_and_best(tmp_path):
+    """A branch's config decides its FDT temperature (the copied checkpoint holds the source's) and its best
+    checkpoint is judged among its own steps (the source's best validation loss is another run's)."""
+    from polyalign.train.checkpoint import find_checkpoint, load_weights
+
+    fdt = ["loss.weights.clip=0", "loss.weights.fdt=1", "model.fdt.codebook_size=64", "data.val_size=32"]
+    assert _train(tmp_path, "base", *fdt, "model.fdt.t_fdt=1000") == 0
+    assert _train(tmp_path, "b", *fdt, "model.fdt.t_fdt=50", "--branch-from", str(tmp_path / "base") + "@2") == 0
+    assert float(load_weights(tmp_path / "b" / "checkpoints", 4)["fdt.t_start"]) == 50.0
+    assert find_checkpoint(tmp_path / "b" / "checkpoints", "best") in (3, 4)
+    rows = [json.loads(l) for l in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
+    assert {r["fdt_t"] for r in rows if "fdt_t" in r} == {50.0}
+
+
+def test_branch_under_torchrun_is_set_up_once(tmp_path, tiny_overrides):
+    """Under torchrun only rank 0 copies the checkpoint; the other rank waits for it, and the branch trains."""
+    from test_train import _cli, _finish
+
+    over = tiny_overrides + ["eval.n_examples=0", "train.max_steps=8", "train.checkpoint_every=4"]
+    _finish(_cli(tmp_path, tmp_path / "base", over))
+    branch = _cli(tmp_path, tmp_path / "b", over + ["--branch-from", f"{tmp_path / 'base'}@4"], nproc=2)
+    _finish(branch)
+    assert json.loads((tmp_path / "b" / "branch.json").read_text())["step"] == 4
+    assert (tmp_path / "b" / "checkpoints" / "step-000008.safetensors").is_file()

@@ -234,7 +234,8 @@ def test_train_streams_from_shards(manifest, tmp_path, capsys):
     assert main(["train", RECIPE, *data, *more, "--out", str(tmp_path / "run"), "--resume"]) == 0
     assert "the stream restarts" not in capsys.readouterr().err  # the checkpoint holds the stream's position
     state = torch.load(tmp_path / "run/checkpoints/step-000004.state.pt", weights_only=False)
-    assert state["stream"] == [{"n_workers": 1, "consumed": 4, "positions": {"0": [0, 16]}}]  # 4 batches of 4
+    assert state["stream"] == [{"n_workers": 1, "consumed": 4, "positions": {"0": [0, 16]},  # 4 batches of 4
+                                "skips": [[], []]}]  # the shards hold no bad sample
     with pytest.raises(ConfigError, match="val_manifest"):
         load_config(RECIPE, ["data.name=shards", f"data.shards={out}"])
     with pytest.raises(ConfigError, match="not supported yet"):
@@ -286,8 +287,8 @@ def test_a_resumed_stream_continues_exactly(manifest, tmp_path, n_workers, consu
     assert not resume_stream(ShardStream(out, image_size=8), state, workers + 1)  # another split: not resumable
 
 
-@pytest.mark.parametrize("n_workers", [0, 2])
-def test_training_counts_each_bad_sample_once_whatever_reader_met_it(manifest, tmp_path, n_workers):
+@pytest.mark.parametrize("n_workers,resumed", [(0, False), (2, False), (1, True)])
+def test_training_counts_each_bad_sample_once_whatever_reader_met_it(manifest, tmp_path, n_workers, resumed):
     """Bad samples met by loader workers reach the run's metrics, each distinct sample once over epochs and workers
     (the shards are dealt to other workers each epoch: 6 epochs of 4 shards here)."""
     out = tmp_path / "s"
@@ -303,7 +304,16 @@ def test_training_counts_each_bad_sample_once_whatever_reader_met_it(manifest, t
     (manifest.parent / "val.jsonl").write_text("\n".join(rows) + "\n")
     data = ["data.name=shards", f"data.shards={out}", "data.shuffle_buffer=4", f"data.num_workers={n_workers}",
             f"data.val_manifest={manifest.parent / 'val.jsonl'}", "data.cache_dir="]
-    over = [o for o in TINY if not o.startswith("train.max_steps")] + ["train.max_steps=30"]  # 120 samples: 6 epochs
-    assert main(["train", RECIPE, *data, *over, "--out", str(tmp_path / "run")]) == 0
+    over = [o for o in TINY if not o.startswith(("train.max_steps", "train.checkpoint_every"))]
+    over += ["train.max_steps=30", "train.checkpoint_every=15"]  # 120 samples: 6 epochs
+    if resumed:  # stopped early in epoch 1 (every shard read in epoch 0), resumed for one batch (a shard or two of epoch 1 read):
+        # the checkpoint keeps what the first process met
+        five = over + ["train.max_steps=6", "train.checkpoint_every=6"]
+        assert main(["train", RECIPE, *data, *five, "--out", str(tmp_path / "run")]) == 0
+        assert json.loads((tmp_path / "run/metrics.json").read_text())["data/skipped_rows"] == 4
+        six = over + ["train.max_steps=7", "train.checkpoint_every=6"]
+        assert main(["train", RECIPE, *data, *six, "--out", str(tmp_path / "run"), "--resume"]) == 0
+    else:
+        assert main(["train", RECIPE, *data, *over, "--out", str(tmp_path / "run")]) == 0
     metrics = json.loads((tmp_path / "run/metrics.json").read_text())
     assert metrics["data/skipped_rows"] == 4

@@ -52,3 +52,14 @@ def branch_info(run_dir: Path) -> dict | None:
     """A run's ``branch.json`` (None: not a branch)."""
     path = Path(run_dir) / "branch.json"
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+def wait_for_branch(out: Path, timeout_s: float = 600) -> None:
+    """(torchrun, ranks > 0) wait until rank 0 has set ``out`` up as a branch (its ``branch.json``, written last)."""
+    import time
+
+    deadline = time.time() + timeout_s
+    while not (Path(out) / "branch.json").is_file():
+        if time.time() > deadline:
+            raise PolyalignError(f"rank 0 did not set {out} up as a branch within {timeout_s:.0f} s (see its error)")
+        time.sleep(0.2)

@@ -4,6 +4,7 @@ bad config key fails before torch is loaded."""
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -31,17 +32,26 @@ def results_table(metrics: dict) -> str:
     return "\n".join(lines)
 
 
+def has_checkpoint(out: Path) -> bool:
+    from polyalign.train.checkpoint import find_checkpoint
+
+    return find_checkpoint(out / "checkpoints") is not None
+
+
 def cmd_train(args) -> int:
     from polyalign.config import load_config
     from polyalign.config.resume import resume_config
 
     out = Path(args.out or Path("runs") / Path(args.config).stem)
-    if getattr(args, "branch_from", None) and not (args.resume and (out / "config.yaml").is_file()):
+    if getattr(args, "branch_from", None) and not (args.resume and has_checkpoint(out)):
         # (with --resume, a branch that already started continues as a run of its own)
         cfg = load_config(args.config, args.overrides)
-        from polyalign.app.branch import start_branch
+        from polyalign.app.branch import start_branch, wait_for_branch
 
-        start_branch(args.branch_from, out)
+        if int(os.environ.get("RANK", "0")) == 0:  # under torchrun one process copies, the others wait for it
+            start_branch(args.branch_from, out)
+        else:
+            wait_for_branch(out)
         args.resume = True
     elif args.resume and (out / "config.yaml").is_file():  # the run's own config, with the overrides safe on resume
         cfg = resume_config(out / "config.yaml", args.config, args.overrides)

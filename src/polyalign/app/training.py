@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import math
 import random
 import sys
 import time
@@ -24,7 +25,7 @@ from polyalign.data.loader import make_loader, make_stream_loader, to_model_inpu
 from polyalign.data.stream import StreamTracker, merged_skips, resume_stream
 from polyalign.errors import ConfigError, PolyalignError
 from polyalign.losses.objective import Objective
-from polyalign.models.build import build_model
+from polyalign.models.build import build_model, fdt_temperature
 from polyalign.models.hf_clip import load_clip_dir
 from polyalign.tokenizer import function_word_ids, special_ids_of
 from polyalign.train.checkpoint import find_checkpoint
@@ -71,6 +72,9 @@ def _set_up(cfg: Config, out: Path, device, resume: bool, show_progress: bool) -
     if last is not None and not resume:
         raise PolyalignError(f"{out} already holds a run (checkpoint at step {last}): pass --resume, or another --out")
     resumed = resume and last is not None
+    # a branch's first start (polyalign train --branch-from): the copied checkpoint, under this config
+    branching = resumed and (out / "branch.json").is_file() and not (out / "config.yaml").is_file()
+    dist.barrier()  # every rank has looked before rank 0 writes config.yaml
     if resumed:
         check_resume_step(cfg, last, out)
     if resume:
@@ -113,6 +117,10 @@ def _set_up(cfg: Config, out: Path, device, resume: bool, show_progress: bool) -
     reporter = open_reporter(t, out, last if resumed else 0, main)  # TensorBoard (train.report_to) or nothing
     checkpointer = Checkpointer(out, model, optimizer, objective, cfg, datasets.get("val"), tokenizer, reporter)
     start = checkpointer.resume(last) if resumed else 0
+    if branching:  # the source's best validation loss is another run's: the branch keeps its own best
+        checkpointer.best = math.inf
+        if model.has_fdt and cfg.model.fdt.t_fdt_auto != "active":  # this config's T_fdt, not the source's
+            model.fdt.t_start.fill_(fdt_temperature(cfg.model.fdt))
     if resume and not resumed and main:
         print(f"no checkpoint in {checkpointer.dir}: starting from scratch")
     # DDP averages gradients over ranks; each rank's loss is its share of the global-batch loss
@@ -133,7 +141,7 @@ def _set_up(cfg: Config, out: Path, device, resume: bool, show_progress: bool) -
         batches = iter(make_loader(train_ds, tokenizer, t.batch_size, t.seed, start, cfg.data.num_workers,
                                    dist.rank(), dist.world_size()))
     model.train()
-    if cfg.model.fdt.t_fdt_auto == "active" and model.has_fdt and not resumed:  # (a resumed run's T is in its checkpoint)
+    if cfg.model.fdt.t_fdt_auto == "active" and model.has_fdt and (branching or not resumed):  # (a resumed run's T is in its checkpoint)
         first = next(batches)
         _calibrate_fdt(model, to_model_inputs(first, device), cfg.model.fdt.active_target, device, main)
         batches = itertools.chain([first], batches)  # the loop still trains on it
@@ -183,7 +191,7 @@ def _fit_and_evaluate(cfg: Config, out: Path, job: Job, datasets: dict, tokenize
     """The fit loop, then (rank 0) the curves, the evaluation and ``metrics.json``."""
     step = fit(job)
     if (stream := job.checkpointer.stream) is not None:  # a stream's bad samples were met in its readers
-        snapshots = [s for rank in dist.gather_objects(list(stream.skips.values())) for s in rank]  # (and ranks)
+        snapshots = dist.gather_objects(stream.all_skips())  # every rank's
         if dist.is_main():
             datasets["train"].skip_report = merged_skips(snapshots)
     if not dist.is_main():
@@ -201,7 +209,8 @@ def _fit_and_evaluate(cfg: Config, out: Path, job: Job, datasets: dict, tokenize
         for split, ds in datasets.items():
             r = ds.skip_report
             if r.n_skipped:
-                print(f"{split}: skipped {r.n_skipped} of {r.total} rows ({dict(r.skipped)}), e.g. {r.examples[0]}")
+                of = f" of {r.total}" if r.total else ""  # (a stream counts distinct bad samples, not rows read)
+                print(f"{split}: skipped {r.n_skipped}{of} rows ({dict(r.skipped)}), e.g. {r.examples[0]}")
     job.meter.reporter.scalars(step, metrics, "eval/")
     if (examples := out / "retrieval_examples.png").is_file() and cfg.eval.n_examples:
         job.meter.reporter.image("eval/retrieval_examples", examples, step)

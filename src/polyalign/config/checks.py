@@ -203,7 +203,11 @@ def _check_fusion(cfg: Config) -> None:
     if cfg.model.fusion.text_split:  # the fusion layers are the text tower's upper ones: their count is the model's
         if text.kind != "hf":
             raise ConfigError("model.fusion.text_split needs a pretrained BERT-like text tower (model.text.kind=hf)")
-        settings = dataclasses.replace(settings, fusion_layers=int(_hf_config(text.hf_path)["num_hidden_layers"]) - cfg.model.fusion.text_split)
+        layers, k = int(_hf_config(text.hf_path)["num_hidden_layers"]), cfg.model.fusion.text_split
+        if not 0 < k < layers:
+            raise ConfigError(f"model.fusion.text_split={k}: {text.hf_path!r} has {layers} layers; keep 1 to "
+                              f"{layers - 1} of them for the text encoder (the rest become the fusion encoder)")
+        settings = dataclasses.replace(settings, fusion_layers=layers - k)
     check_fusion_config(settings, prefix="model.fusion")
 
 

@@ -96,9 +96,13 @@ class StreamTracker:
         self.batches, self.n_workers = batches, n_workers
         self.positions, self.consumed = {}, 0  # consumed: batches handed on (whose worker comes next: consumed mod n)
         self.skips: dict[int, tuple] = {}  # worker → its bad samples so far (see ShardStream._skips)
+        self.earlier: list = []  # bad samples the run met before it was resumed (the checkpoint's)
         if state and state.get("n_workers") == n_workers:  # continuing a resumed stream: its history counts
             self.positions = {int(w): tuple(p) for w, p in state["positions"].items()}
             self.consumed = int(state.get("consumed", 0))
+        if state:
+            saved = state.get("skips")
+            self.earlier = [(tuple(map(tuple, saved[0])), tuple(saved[1]))] if saved else []
 
     def __iter__(self):
         return self
@@ -122,7 +126,13 @@ class StreamTracker:
         if handed is not None and handed == self.handed - 1 and self._before is not None:
             return self._before
         return {"n_workers": self.n_workers, "consumed": self.consumed,
-                "positions": {str(w): list(p) for w, p in self.positions.items()}}
+                "positions": {str(w): list(p) for w, p in self.positions.items()}, "skips": self.all_skips()}
+
+    def all_skips(self) -> list:
+        """The bad samples of this run so far, the resumed checkpoint's with this process's readers', as one snapshot
+        (``[[[where, reason], ...], [example, ...]]``: what ``merged_skips`` reads)."""
+        merged = merged_skips(self.earlier + list(self.skips.values()))
+        return [[[w, r] for w, r in sorted(merged.where.items())], list(merged.examples)]
 
 
 def resume_stream(stream: ShardStream, state: dict | None, n_workers: int) -> bool:
@@ -145,4 +155,5 @@ def merged_skips(snapshots) -> SkipReport:
     report = SkipReport(total=0, examples=examples[:5])
     for reason in seen.values():
         report.skipped[reason] = report.skipped.get(reason, 0) + 1
+    report.where = seen  # (where → reason: what all_skips keeps)
     return report

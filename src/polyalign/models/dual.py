@@ -199,7 +199,7 @@ class DualEncoder(nn.Module):
             ai, at = (wi > 0).float().mean(1), (wt > 0).float().mean(1)  # per row, fraction of C; (w > 0): no grad
             out.stats.update({"fdt_image_active": ai.mean() * wi.shape[1], "fdt_text_active": at.mean() * wt.shape[1],
                               "fdt_image_active_frac": ai.mean(), "fdt_text_active_frac": at.mean(),
-                              "fdt_t": torch.tensor(self.fdt.temperature()),
+                              "fdt_t": torch.tensor(self.fdt.temperature(), device=zi.device),  # NCCL: on device
                               "fdt_logit_scale": out.fdt_logit_scale.detach()})
         if views:
             with self._bn_groups(2, b, keys=False):
