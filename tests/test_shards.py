@@ -317,3 +317,19 @@ def test_training_counts_each_bad_sample_once_whatever_reader_met_it(manifest, t
         assert main(["train", RECIPE, *data, *over, "--out", str(tmp_path / "run")]) == 0
     metrics = json.loads((tmp_path / "run/metrics.json").read_text())
     assert metrics["data/skipped_rows"] == 4
+
+
+def test_bad_samples_of_two_folders_with_the_same_shard_names_count_apart(tmp_path):
+    """Shards are numbered from 00000 in every folder: a bad sample is told apart by its full path, not its file name."""
+    from polyalign.data.base import DistinctSkipReport
+
+    meta = json.dumps({"captions": ["x"], "labels": {}, "tags": []}).encode()
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        with tarfile.open(tmp_path / folder / "00000.tar", "w") as tar:
+            _member(tar, "k.png", b"garbage")
+            _member(tar, "k.json", meta)
+    report = DistinctSkipReport()
+    for _ in range(2):  # two epochs: each bad sample still counts once
+        list(iter_shards(str(tmp_path / "{a,b}/00000.tar"), image_size=8, report=report))
+    assert report.skipped == {"corrupt image": 2}

@@ -109,13 +109,15 @@ class SkipReport:
 @dataclass
 class DistinctSkipReport(SkipReport):
     """A ``SkipReport`` that counts each row once however often it is met (a stream re-reads its bad samples every
-    epoch); ``seen`` maps each row's ``where`` to its reason."""
+    epoch); ``seen`` maps each row's identity (its ``where``, or the full path given) to its reason."""
 
     seen: dict[str, str] = field(default_factory=dict)
 
-    def skip(self, reason: str, where: str, detail: str = "") -> None:
-        if where not in self.seen:
-            self.seen[where] = reason
+    def skip(self, reason: str, where: str, detail: str = "", identity: str | None = None) -> None:
+        """As ``SkipReport.skip``, once per ``identity`` (default: ``where``)."""
+        key = where if identity is None else identity
+        if key not in self.seen:
+            self.seen[key] = reason
             super().skip(reason, where, detail)
 
 
