@@ -333,3 +333,20 @@ def test_bad_samples_of_two_folders_with_the_same_shard_names_count_apart(tmp_pa
     for _ in range(2):  # two epochs: each bad sample still counts once
         list(iter_shards(str(tmp_path / "{a,b}/00000.tar"), image_size=8, report=report))
     assert report.skipped == {"corrupt image": 2}
+
+
+def test_tracker_state_of_an_interrupted_step_is_the_one_before_its_batch(manifest, tmp_path):
+    """An interrupt after a batch was fetched but before its step completed checkpoints the step before: the
+    state for one batch fewer than handed on is the state as it was before that batch."""
+    from polyalign.data.loader import make_stream_loader
+    from polyalign.data.stream import ShardStream, StreamTracker
+
+    out = tmp_path / "s"
+    write_shards(manifest, out, shard_size=3, show_progress=False)
+    tracker = StreamTracker(iter(make_stream_loader(ShardStream(out, image_size=8, buffer=4), _tokenizer,
+                                                    batch_size=3, num_workers=0)), 1)
+    next(tracker), next(tracker)
+    after_two = tracker.state()
+    next(tracker)
+    assert tracker.state(2) == after_two and tracker.state(3) == tracker.state() != after_two
+    assert tracker.state()["consumed"] == 3 and after_two["positions"] == {"0": [0, 6]}

@@ -95,8 +95,9 @@ class SkipReport:
     skipped: dict[str, int] = field(default_factory=dict)
     examples: list[str] = field(default_factory=list)
 
-    def skip(self, reason: str, where: str, detail: str = "") -> None:
-        """Count one row dropped for ``reason``; ``detail`` (this row's specifics) goes only into the examples."""
+    def skip(self, reason: str, where: str, detail: str = "", identity: str | None = None) -> None:
+        """Count one row dropped for ``reason``; ``detail`` (this row's specifics) goes only into the examples
+        (``identity``: what tells the row apart, for ``DistinctSkipReport``; unused here)."""
         self.skipped[reason] = self.skipped.get(reason, 0) + 1
         if len(self.examples) < 5:
             self.examples.append(f"{where}: {reason}" + (f" ({detail})" if detail else ""))

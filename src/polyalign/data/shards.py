@@ -212,7 +212,7 @@ def read_tar(path: Path, report: SkipReport) -> Iterator[tuple[str, dict[str, by
             if tar.offset + 2 * tarfile.BLOCKSIZE > path.stat().st_size:  # no end-of-archive blocks: cut short
                 raise tarfile.ReadError("unexpected end of data: the shard is cut short")
     except (tarfile.TarError, OSError, EOFError) as e:
-        report.skip("unreadable shard", path.name, str(e), **_identity(report, str(path)))
+        report.skip("unreadable shard", path.name, str(e), identity=str(path))
         return
     if key is not None:
         yield key, parts
@@ -240,12 +240,6 @@ def decode_sample(key: str, parts: dict[str, bytes], image_size: int | None) -> 
             "tags": string_list(meta.get("tags") or []), "meta": meta}
 
 
-def _identity(report: SkipReport, where: str) -> dict:
-    """A bad sample's identity for reports that count each sample once (the full shard path: two folders may hold
-    shards of the same names)."""
-    return {"identity": where} if hasattr(report, "seen") else {}
-
-
 def iter_shards(shards, seed: int = 0, epoch: int = 0, rank: int = 0, world: int = 1, worker: int = 0,
                 n_workers: int = 1, buffer: int = 1000, image_size: int | None = 48,
                 report: SkipReport | None = None) -> Iterator[dict]:
@@ -264,7 +258,7 @@ def iter_shards(shards, seed: int = 0, epoch: int = 0, rank: int = 0, world: int
             try:
                 sample = {**decode_sample(key, parts, image_size), "shard": path.name}
             except BadRow as e:
-                report.skip(e.reason, f"{path.name}:{key}", e.detail, **_identity(report, f"{path}:{key}"))
+                report.skip(e.reason, f"{path.name}:{key}", e.detail, identity=f"{path}:{key}")
                 continue
             finally:
                 ImageFile.LOAD_TRUNCATED_IMAGES = old_truncated

@@ -97,6 +97,7 @@ class StreamTracker:
         self.positions, self.consumed = {}, 0  # consumed: batches handed on (whose worker comes next: consumed mod n)
         self.skips: dict[int, tuple] = {}  # worker → its bad samples so far (see ShardStream._skips)
         self.earlier: list = []  # bad samples the run met before it was resumed (the checkpoint's)
+        self.handed, self._before = 0, None  # batches this tracker handed on; the fields before the last one
         if state and state.get("n_workers") == n_workers:  # continuing a resumed stream: its history counts
             self.positions = {int(w): tuple(p) for w, p in state["positions"].items()}
             self.consumed = int(state.get("consumed", 0))
@@ -110,28 +111,30 @@ class StreamTracker:
     def __next__(self) -> dict:
         batch = next(self.batches)
         worker, epoch, count, skips = batch.pop("stream")
+        # an interrupt mid-step checkpoints the step before this batch: keep its fields (copies, no merging here)
+        self._before = (dict(self.positions), self.consumed, dict(self.skips))
         self.skips[int(worker)] = skips
-        self._before = self.state()  # an interrupt mid-step checkpoints the step before this batch
         self.positions[int(worker)] = (int(epoch), int(count))
         self.consumed += 1
         self.handed += 1
         return batch
 
-    handed = 0  # batches handed on by this tracker (this process's run)
-    _before: dict | None = None
-
     def state(self, handed: int | None = None) -> dict:
         """The position after the batches trained on; ``handed``: after that many of this tracker's batches (the
         loop's completed steps since it started: one fewer than handed on when a step was interrupted)."""
+        positions, consumed, skips = self.positions, self.consumed, self.skips
         if handed is not None and handed == self.handed - 1 and self._before is not None:
-            return self._before
-        return {"n_workers": self.n_workers, "consumed": self.consumed,
-                "positions": {str(w): list(p) for w, p in self.positions.items()}, "skips": self.all_skips()}
+            positions, consumed, skips = self._before
+        return {"n_workers": self.n_workers, "consumed": consumed,
+                "positions": {str(w): list(p) for w, p in positions.items()}, "skips": self._merged(skips)}
 
     def all_skips(self) -> list:
         """The bad samples of this run so far, the resumed checkpoint's with this process's readers', as one snapshot
         (``[[[where, reason], ...], [example, ...]]``: what ``merged_skips`` reads)."""
-        merged = merged_skips(self.earlier + list(self.skips.values()))
+        return self._merged(self.skips)
+
+    def _merged(self, skips: dict) -> list:
+        merged = merged_skips(self.earlier + list(skips.values()))
         return [[[w, r] for w, r in sorted(merged.where.items())], list(merged.examples)]
 
 
