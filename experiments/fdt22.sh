@@ -9,7 +9,8 @@
 #   python experiments/fdt22_report.py runs/fdt22      # tables, active-fraction plot, paired differences
 #   SMOKE=1 OUT=/tmp/fdt22-smoke bash experiments/fdt22.sh   # 2 steps on small data: the pipeline end to end
 # Env: OUT (runs/fdt22), POLYALIGN (polyalign), SEEDS ("0 1 2"), TASKS ("clutter emoji"), ROWS (all five), JOBS (2).
-# Layout: OUT/<task>/<row>/seed-<s>; finished runs are skipped, killed ones resumed.
+# Layout: OUT/<task>/<row>/seed-<s>; finished runs are skipped, killed ones resumed; finished runs are kept in KEEP
+# (experiments/results/fdt22, in the repository: commit it) and restored from there (experiments/jobs.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 read -ra PA <<< "${POLYALIGN:-polyalign}"
@@ -17,10 +18,12 @@ OUT=${OUT:-runs/fdt22}
 SEEDS=${SEEDS:-0 1 2}
 TASKS=${TASKS:-clutter emoji}
 ROWS=${ROWS:-clip-mean clip-max fdt fdt-clip fdt-c16k}
+KEEP=${KEEP-experiments/results/fdt22}
 source experiments/jobs.sh
 
 SMOKE_ARGS=()
 if [[ ${SMOKE:-0} == 1 ]]; then
+  KEEP=""
   SMOKE_ARGS=(train.max_steps=2 train.warmup_steps=1 train.checkpoint_every=1 train.log_every=1 train.batch_size=16
               eval.probe_max_train=200 eval.bootstrap_resamples=20 data.train_size=200 data.val_size=20
               data.test_size=100)
@@ -36,6 +39,7 @@ config() {  # config TASK ROW
   if [[ $2 == fdt ]]; then echo "configs/fdt22/$1.yaml"; else echo "configs/fdt22/$1-$2.yaml"; fi
 }
 
+keep_restore
 # the first run of each task alone: it writes the frozen EfficientNet prefix's outputs to data.cache_dir (minutes for
 # the 20k clutter images at 128 px), which every later row and seed of the task then loads instead
 for task in $TASKS; do

@@ -3,6 +3,9 @@
 #   PA (array): the polyalign command; FAILED: set to 1 when a job failed
 # train_run CONFIG RUN SEED [overrides...]: train (or resume) into RUN unless RUN/metrics.json exists; RUN.log holds
 #   the output, RUN.wall the wall seconds. slot: wait until fewer than JOBS jobs run. wait_all: wait for every job.
+# KEEP (set by each script to experiments/results/<experiment>, "" when SMOKE=1 or to switch it off): every finished
+#   run's small files (metrics, log, config, wall time) are saved there, in the repository, and restored into OUT
+#   before the runs start, so a session on a new machine skips what an earlier one finished (experiments/keep.py)
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1
 JOBS=${JOBS:-2}
 FAILED=0
@@ -18,6 +21,16 @@ train_run() {
     || { echo "FAILED: $run (see $run.log)"; return 1; }
   echo $(( $(date +%s) - t0 )) > "$run.wall"
   echo "$(date +%H:%M:%S) done  $run ($(cat "$run.wall") s)"
+  keep_save
+}
+
+keep_restore() {  # before the first run: the kept runs back into OUT (never overwriting)
+  [[ -z ${KEEP:-} || ! -d $KEEP ]] || ${PYTHON:-python} experiments/keep.py restore "$KEEP" "$OUT"
+}
+
+keep_save() {  # after a run finished: every finished run of OUT into KEEP
+  [[ -z ${KEEP:-} ]] || ${PYTHON:-python} experiments/keep.py save "$OUT" "$KEEP" > /dev/null \
+    || echo "warning: could not keep the finished runs in $KEEP"
 }
 
 slot() {

@@ -12,7 +12,8 @@
 # ROWS ("tags text intra-inter inter intra-inter-w01": the captioned rows, in launch order; w01: image-image weight 0.1), IMAGE_ROW (1: also the image-intra row).
 # A partial pass first (ROWS="inter intra-inter") gives the core comparison on every seed early; rerun for the rest.
 # Finished runs (metrics.json) are skipped, killed ones resumed from their last checkpoint; each run's output is in
-# RUN.log and its wall time in seconds in RUN.wall.
+# RUN.log and its wall time in seconds in RUN.wall. Finished runs are kept in KEEP (experiments/results/mct21, in the
+# repository: commit it) and restored into OUT before the runs start (experiments/jobs.sh), so a new machine carries on.
 # Layout: OUT/<dataset>/<f1|f0.05|f0.1>/<row>/seed-<s>; OUT/<dataset>/image[-view]/seed-<s> (the image-intra rows read no
 # caption, so one run serves both fractions); OUT/<dataset>/untrained/seed-<s>; OUT/<dataset>/imagenet/seed-0.
 set -euo pipefail
@@ -23,21 +24,22 @@ OUT=${OUT:-runs/mct21}
 SEEDS=${SEEDS:-0 1 2}
 ROWS=${ROWS:-tags text intra-inter inter intra-inter-w01}
 IMAGE_ROW=${IMAGE_ROW:-1}
-JOBS=${JOBS:-2}
 VIEW_ROWS=${VIEW_ROWS:-1}  # emoji: also the control rows with view positives (intra_positive=view)
 DATASETS=${DATASETS:-emoji shapes}
-export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1  # the probes' BLAS too: one thread per job
+KEEP=${KEEP-experiments/results/mct21}
+source experiments/jobs.sh  # JOBS (2) side by side, one thread each (the probes' BLAS too); slot, keep_save
 mkdir -p "$OUT"
 
 declare -A FRACTION=([shapes]=0.05 [emoji]=0.1)
 declare -A FIELDS=([shapes]=colour,count [emoji]="")  # probes beyond eval.probe_field (shapes: shape; emoji: subcategory)
 SMOKE_shapes=() SMOKE_emoji=() SMOKE_all=()
 if [[ ${SMOKE:-0} == 1 ]]; then
+  KEEP=""
   SMOKE_all=(train.max_steps=2 train.warmup_steps=1 train.checkpoint_every=1 train.log_every=1 eval.probe_max_train=300
              eval.bootstrap_resamples=50)
   SMOKE_shapes=(data.train_size=400 data.val_size=50 data.test_size=200)
   S=$OUT/smoke-data
-  if [[ ! -f $S/test.jsonl ]]; then  # 40 test concepts (twitter) and the google/fluent/emojione rows of 120 concepts
+  if [[ " $DATASETS " == *" emoji "* && ! -f $S/test.jsonl ]]; then  # 40 test concepts (twitter) and the google/fluent/emojione rows of 120 concepts
     mkdir -p "$S"
     "${PY[@]}" - "$S" <<'EOF'
 import json, sys
@@ -74,6 +76,7 @@ train_one() {  # train_one DATASET CONFIG RUN SEED: train (or resume), then the 
   fi
   [[ -z ${FIELDS[$ds]} ]] || "${PY[@]}" experiments/mct21_eval.py probes "$run" --fields "${FIELDS[$ds]}" >> "$run.log" 2>&1 \
     || { echo "FAILED: probes of $run (see $run.log)"; return 1; }
+  keep_save
 }
 
 baseline_one() {  # baseline_one DATASET CONFIG RUN SEED TOWER [overrides]: the step-0 reference
@@ -86,12 +89,10 @@ baseline_one() {  # baseline_one DATASET CONFIG RUN SEED TOWER [overrides]: the 
   "${PY[@]}" experiments/mct21_eval.py baseline "$cfg" "$@" $(smoke "$ds") --seed "$s" --out "$run" --tower "$tower" \
     --fields "${FIELDS[$ds]}" > "$run.log" 2>&1 || { echo "FAILED: $run (see $run.log)"; return 1; }
   echo "$(date +%H:%M:%S) done  $run"
+  keep_save
 }
 
-FAILED=0
-slot() {  # wait until fewer than JOBS runs are going
-  while (( $(jobs -rp | wc -l) >= JOBS )); do wait -n || FAILED=1; done
-}
+keep_restore
 
 # longest first (emoji), so the two queues end close together; the references last (a few minutes each)
 for ds in $DATASETS; do
@@ -128,6 +129,6 @@ for ds in $DATASETS; do
     slot; baseline_one emoji configs/mct21/emoji-f1-inter.yaml "$OUT/emoji/imagenet/seed-0" 0 init &
   fi
 done
-while (( $(jobs -rp | wc -l) > 0 )); do wait -n || FAILED=1; done
+wait_all
 (( FAILED == 0 )) || { echo "some runs failed: rerun to retry them (finished runs are skipped)"; exit 1; }
 echo "all runs done: ${PY[*]} experiments/mct21_report.py $OUT"
