@@ -9,7 +9,8 @@
 #   SMOKE=1 OUT=/tmp/mct21-smoke bash experiments/mct21.sh   # 2 steps, small data: checks the pipeline end to end
 # Env: OUT (runs/mct21), POLYALIGN (polyalign), PYTHON (python), SEEDS ("0 1 2"), JOBS (2), DATASETS ("emoji shapes"),
 # VIEW_ROWS (1: emoji also runs intra + inter and image-intra with SimCLR view positives, the control of the style ones),
-# ROWS ("tags text intra-inter inter intra-inter-w01": the captioned rows, in launch order; w01: image-image weight 0.1), IMAGE_ROW (1: also the image-intra row).
+# ROWS ("tags text intra-inter inter intra-inter-w01": the captioned rows, in launch order; w01: image-image weight 0.1),
+# FRACS ("f1 f0.05" / "f1 f0.1": the caption fractions of those rows), IMAGE_ROW (1: also the image-intra row).
 # A partial pass first (ROWS="inter intra-inter") gives the core comparison on every seed early; rerun for the rest.
 # Finished runs (metrics.json) are skipped, killed ones resumed from their last checkpoint; each run's output is in
 # RUN.log and its wall time in seconds in RUN.wall. Finished runs are kept in KEEP (experiments/results/mct21, in the
@@ -99,7 +100,7 @@ for ds in $DATASETS; do
   f=${FRACTION[$ds]}
   for s in $SEEDS; do
     for row in $ROWS; do
-      for frac in f1 "f$f"; do
+      for frac in ${FRACS:-f1 f$f}; do
         slot; train_one "$ds" "configs/mct21/$ds-$frac-$row.yaml" "$OUT/$ds/$frac/$row/seed-$s" "$s" &
       done
     done
