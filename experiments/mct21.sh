@@ -9,7 +9,8 @@
 #   SMOKE=1 OUT=/tmp/mct21-smoke bash experiments/mct21.sh   # 2 steps, small data: checks the pipeline end to end
 # Env: OUT (runs/mct21), POLYALIGN (polyalign), PYTHON (python), SEEDS ("0 1 2"), JOBS (2), DATASETS ("emoji shapes"),
 # VIEW_ROWS (1: emoji also runs intra + inter and image-intra with SimCLR view positives, the control of the style ones),
-# ROWS ("tags text intra-inter inter intra-inter-w01": the captioned rows, in launch order; w01: image-image weight 0.1),
+# ROWS ("tags text intra-inter inter intra-inter-w01 inter-full": the captioned rows, in launch order; w01: image-image
+# weight 0.1; inter-full: inter only with every batch drawn from the captioned items, low-label fraction only),
 # FRACS ("f1 f0.05" / "f1 f0.1": the caption fractions of those rows), IMAGE_ROW (1: also the image-intra row).
 # A partial pass first (ROWS="inter intra-inter") gives the core comparison on every seed early; rerun for the rest.
 # Finished runs (metrics.json) are skipped, killed ones resumed from their last checkpoint; each run's output is in
@@ -23,7 +24,7 @@ read -ra PA <<< "${POLYALIGN:-polyalign}"  # may be a command line: "python -m p
 read -ra PY <<< "${PYTHON:-python}"
 OUT=${OUT:-runs/mct21}
 SEEDS=${SEEDS:-0 1 2}
-ROWS=${ROWS:-tags text intra-inter inter intra-inter-w01}
+ROWS=${ROWS:-tags text intra-inter inter intra-inter-w01 inter-full}
 IMAGE_ROW=${IMAGE_ROW:-1}
 VIEW_ROWS=${VIEW_ROWS:-1}  # emoji: also the control rows with view positives (intra_positive=view)
 DATASETS=${DATASETS:-emoji shapes}
@@ -101,6 +102,8 @@ for ds in $DATASETS; do
   for s in $SEEDS; do
     for row in $ROWS; do
       for frac in ${FRACS:-f1 f$f}; do
+        # a row may exist at one fraction only (inter-full: the low-label control)
+        [[ -f configs/mct21/$ds-$frac-$row.yaml ]] || { [[ $frac == f1 ]] || echo "no configs/mct21/$ds-$frac-$row.yaml"; continue; }
         slot; train_one "$ds" "configs/mct21/$ds-$frac-$row.yaml" "$OUT/$ds/$frac/$row/seed-$s" "$s" &
       done
     done

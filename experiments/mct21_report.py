@@ -18,7 +18,7 @@ from pathlib import Path
 from polyalign.app.sweep import paired_diff
 from report_lib import fmt_diff, fmt_stat, log_rows, seeds_of, table, values, vs_constant
 
-ROWS = [("inter", "inter only"), ("image", "image-intra only"), ("intra-inter", "intra + inter"),
+ROWS = [("inter", "inter only"), ("inter-full", "inter only, batches of captioned items"), ("image", "image-intra only"), ("intra-inter", "intra + inter"),
         ("text", "+ text-text"), ("tags", "+ tags"), ("intra-inter-w01", "intra + inter, image-image weight 0.1"),
         # emoji controls (experiments/mct21.sh VIEW_ROWS=1): SimCLR's own-image positives instead of the style ones
         ("image-view", "image-intra only, view positives"), ("intra-inter-view", "intra + inter, view positives")]
@@ -103,7 +103,9 @@ def report(out: Path, ds: str) -> str:
              ("intra-inter", "intra-inter-view", "intra + inter: style − view positives"),
              ("intra-inter-w01", "inter", "intra + inter (w 0.1) − inter only"),
              ("intra-inter-w01", "image", "intra + inter (w 0.1) − image-intra only"),
-             ("intra-inter-w01", "intra-inter", "image-image weight 0.1 − 1")]
+             ("intra-inter-w01", "intra-inter", "image-image weight 0.1 − 1"),
+             ("intra-inter", "inter-full", "intra + inter − inter only (captioned batches)"),
+             ("inter-full", "inter", "inter only: captioned batches − mixed batches")]
     head = ["caption fraction", "difference"] + [SHORT[m] for m in metrics]
     body, verdict = [], []
     for frac in fracs:
@@ -111,9 +113,11 @@ def report(out: Path, ds: str) -> str:
             ra, rb = row_runs(root, frac, a), row_runs(root, frac, b)
             if ra and rb:
                 body.append([frac[1:], label] + [fmt_diff(paired_diff(values(rb, m), values(ra, m))) for m in metrics])
-        for combo, alone, what in (("intra-inter", "image", ""), ("intra-inter-view", "image-view", ", view positives"),
-                                   ("intra-inter-w01", "image", ", image-image weight 0.1")):
-            ri, rn, rm = (row_runs(root, frac, r) for r in (combo, "inter", alone))
+        for combo, alone, what, inter in (
+                ("intra-inter", "image", "", "inter"), ("intra-inter-view", "image-view", ", view positives", "inter"),
+                ("intra-inter-w01", "image", ", image-image weight 0.1", "inter"),
+                ("intra-inter", "image", ", inter only on captioned batches", "inter-full")):
+            ri, rn, rm = (row_runs(root, frac, r) for r in (combo, inter, alone))
             if not (ri and rn and rm):
                 continue
             for m in spec["probes"]:  # retrieval: the image-intra rows train no text tower (chance by design)

@@ -207,6 +207,48 @@ def test_caption_fraction_trains_a_few_steps(tiny_overrides, tmp_path):
     assert math.isfinite(metrics["tagging/head_mAP"])
 
 
+def test_captioned_only_draws_every_batch_from_the_captioned_items():
+    from polyalign.data.loader import GlobalBatchSampler
+
+    keep = captioned_items(200, 0.1, 3)
+    items = np.flatnonzero(keep)
+    sampler = GlobalBatchSampler(200, 8, seed=3, items=items)
+    it = iter(sampler)
+    per_epoch = len(items) // 8
+    seen = [i for _ in range(per_epoch) for _, i in next(it)]
+    assert set(seen) <= set(items.tolist()) and len(seen) == len(set(seen)) == per_epoch * 8  # an epoch of them
+    assert all(keep[i] for _, i in next(it))  # and on into the next epoch
+    with pytest.raises(Exception, match="larger than the training items drawn from"):
+        GlobalBatchSampler(200, 64, seed=3, items=items)
+
+
+def test_captioned_only_trains_on_captioned_rows_only(tiny_overrides, tmp_path):
+    from polyalign.app.training import train
+
+    over = tiny_overrides + ["data.caption_fraction=0.5", "data.captioned_only=true", "train.max_steps=3",
+                             "train.checkpoint_every=3", "eval.n_examples=0", "eval.bootstrap_resamples=0"]
+    with pytest.raises(ConfigError, match="captioned_only"):
+        load_config(None, tiny_overrides + ["data.captioned_only=true"])
+    cfg = load_config(None, over)
+    seen = []
+    from polyalign.data import base
+
+    real = base.ImageTextDataset.__getitem__
+
+    def spy(self, key):
+        sample = real(self, key)
+        if self.captioned is not None:
+            seen.append(sample["captioned"])
+        return sample
+
+    base.ImageTextDataset.__getitem__ = spy
+    try:
+        train(cfg, tmp_path / "run", show_progress=False)
+    finally:
+        base.ImageTextDataset.__getitem__ = real
+    assert len(seen) >= 3 * cfg.train.batch_size and all(seen)  # every training sample was a captioned one
+
+
 # --- concept positives (emoji: the same concept in another style) ---
 def _concept_manifest(tmp_path, shared=True):
     from PIL import Image

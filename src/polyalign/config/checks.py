@@ -256,6 +256,9 @@ def _check_caption_fraction(cfg: Config) -> None:
         raise ConfigError(f"data.intra_positive=style pairs an image with one of the same concept_id in another style "
                           f"(manifest rows, e.g. the emoji data); data.name={d.name} has none: use view")
     if d.caption_fraction == 1.0:
+        if d.captioned_only:
+            raise ConfigError("data.captioned_only=true draws batches from the captioned items of a low-label run; "
+                              "set data.caption_fraction < 1 (at 1 every item is captioned: drop captioned_only)")
         return
     why = "data.caption_fraction < 1 (captionless items) "
     if d.name not in ("shapes", "manifest") or tuple(cfg.model.modalities) != ("image", "text"):

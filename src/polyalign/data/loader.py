@@ -14,11 +14,19 @@ class GlobalBatchSampler:
     The global batch at a step depends only on (seed, step): epoch e is a permutation drawn from seed and e,
     cut into ``len // batch_size`` batches (the remainder is dropped). Keys are ``(epoch, index)`` pairs so the
     dataset derives per-sample randomness from them. Resuming = constructing with the step to start at.
+
+    ``items`` (optional): the dataset indices batches are drawn from (all ``n`` when None), e.g. only the captioned
+    items of a low-label run (``data.captioned_only``); the permutation is then over those.
     """
 
-    def __init__(self, n: int, batch_size: int, seed: int, start_step: int = 0, rank: int = 0, world_size: int = 1):
+    def __init__(self, n: int, batch_size: int, seed: int, start_step: int = 0, rank: int = 0, world_size: int = 1,
+                 items=None):
+        self.items = None if items is None else torch.as_tensor(items, dtype=torch.long)
+        if self.items is not None:
+            n = len(self.items)
         if batch_size > n:
-            raise DataError(f"train.batch_size ({batch_size}) is larger than the training set ({n} items)")
+            what = "the training items drawn from" if self.items is not None else "the training set"
+            raise DataError(f"train.batch_size ({batch_size}) is larger than {what} ({n} items)")
         if batch_size % world_size:
             raise DataError(f"train.batch_size ({batch_size}) is not divisible by the world size ({world_size})")
         self.n, self.batch_size, self.seed, self.start_step = n, batch_size, seed, start_step
@@ -27,7 +35,8 @@ class GlobalBatchSampler:
 
     def permutation(self, epoch: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        return torch.randperm(self.n, generator=g)
+        perm = torch.randperm(self.n, generator=g)
+        return perm if self.items is None else self.items[perm]
 
     def __iter__(self):
         step, epoch, perm = self.start_step, -1, None
@@ -78,9 +87,9 @@ def _data_loader(data, tokenizer, num_workers: int, **how) -> torch.utils.data.D
 
 
 def make_loader(dataset, tokenizer, batch_size: int, seed: int, start_step: int, num_workers: int,
-                rank: int = 0, world_size: int = 1) -> torch.utils.data.DataLoader:
-    """An endless loader of this rank's batches from ``start_step`` on."""
-    sampler = GlobalBatchSampler(len(dataset), batch_size, seed, start_step, rank, world_size)
+                rank: int = 0, world_size: int = 1, items=None) -> torch.utils.data.DataLoader:
+    """An endless loader of this rank's batches from ``start_step`` on (drawn from ``items`` when given)."""
+    sampler = GlobalBatchSampler(len(dataset), batch_size, seed, start_step, rank, world_size, items)
     return _data_loader(dataset, tokenizer, num_workers, batch_sampler=sampler, persistent_workers=False,
                         generator=torch.Generator().manual_seed(seed))  # keep the global RNG untouched
 
