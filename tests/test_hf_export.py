@@ -133,9 +133,8 @@ def test_causal_text_tower_reads_no_later_token():
     assert torch.allclose(a, c, atol=1e-6)
 
 
-def test_init_from_a_random_clip_model_gives_transformers_first_loss(clip_run, tmp_path):
-    from polyalign.data.build import build_datasets
-    from polyalign.data.loader import make_loader, to_model_inputs
+def _random_clip_dir(clip_run, tmp_path):
+    """A randomly initialised CLIPModel saved locally with the run's tokenizer: (folder, model, tokenizer)."""
     from polyalign.serve.hf_export import hf_tokenizer
     from polyalign.tokenizer import Tokenizer
 
@@ -150,6 +149,15 @@ def test_init_from_a_random_clip_model_gives_transformers_first_loss(clip_run, t
     hf_dir = tmp_path / "clip"
     clip.save_pretrained(hf_dir)
     hf_tokenizer(tok).save_pretrained(hf_dir)
+    return hf_dir, clip, tok
+
+
+def test_init_from_a_random_clip_model_gives_transformers_first_loss(clip_run, tmp_path):
+    from polyalign.data.build import build_datasets
+    from polyalign.data.loader import make_loader, to_model_inputs
+    from polyalign.tokenizer import Tokenizer
+
+    hf_dir, clip, tok = _random_clip_dir(clip_run, tmp_path)
     cfg = load_config(None, TINY + FAST + CLIP_TOWERS + ["train.max_steps=1", f"model.init_from=hf:{hf_dir}"])
     run = tmp_path / "run"
     train(cfg, run, show_progress=False)
@@ -164,6 +172,24 @@ def test_init_from_a_random_clip_model_gives_transformers_first_loss(clip_run, t
     print(f"first loss polyalign {first['loss']:.7f} transformers {ref.item():.7f}")
     assert abs(first["loss"] - ref.item()) <= 1e-5
     assert Tokenizer.load(run / "tokenizer.json", 16).tok.get_vocab() == tok.tok.get_vocab()  # the checkpoint's
+
+
+def test_init_from_also_initialises_the_momentum_copies(clip_run, tmp_path):
+    from polyalign.models.build import build_model
+    from polyalign.models.hf_clip import load_clip_dir
+
+    hf_dir, _, tok = _random_clip_dir(clip_run, tmp_path)
+    cfg = load_config(None, TINY + FAST + CLIP_TOWERS + [
+        f"model.init_from=hf:{hf_dir}", "loss.weights.image_image=1", "loss.image_image=moco", "model.moco.queue_size=8",
+        "data.intra_augment.enabled=true", "loss.weights.text_text=1", "model.text_momentum=0.9"])
+    model = build_model(cfg.model, cfg.data.image_size, tok.vocab_size, cfg.loss, [])
+    key = next(iter(model.momentum.encoder.state_dict()))
+    before = model.momentum.encoder.state_dict()[key].clone()
+    load_clip_dir(model, hf_dir)
+    for online, copy in ((model.image_encoder, model.momentum.encoder), (model.text_encoder, model.text_momentum.encoder)):
+        a, b = online.state_dict(), copy.state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(before, model.momentum.encoder.state_dict()[key])  # the copy did change
 
 
 def test_init_from_a_folder_without_a_clip_model_is_a_config_error(tmp_path):

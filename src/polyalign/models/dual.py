@@ -14,7 +14,7 @@ from polyalign import distributed as dist
 from polyalign.models.encoders.efficientnet import warm_image_cache
 from polyalign.models.encoders.text import trim_padding, warm_cache
 from polyalign.models.heads.fdt import FDTHead
-from polyalign.models.heads.momentum import MomentumEncoder, MomentumTower
+from polyalign.models.heads.momentum import MomentumEncoder, MomentumTower, ema_update
 from polyalign.models.heads.projection import MLPHead, ProjectionHead
 from polyalign.models.outputs import DualOutput
 
@@ -222,8 +222,16 @@ class DualEncoder(nn.Module):
     @staticmethod
     def _text_rows(captioned: torch.Tensor | None) -> torch.Tensor | None:
         """Indices of the captioned rows (data.caption_fraction < 1), whose captions the text tower reads; None (all
-        rows) without a mask, or with fewer than 2 captioned rows (BatchNorm needs 2; the loss ignores the rest)."""
-        if captioned is None or int(captioned.sum()) < 2 or bool(captioned.all()):
+        rows) without a mask. One process with fewer than 2 captioned rows reads all rows (BatchNorm needs 2; no
+        inter term has a pair to compare, the losses ignore the rest). Under DDP a rank reads exactly its captioned
+        rows even when it has 1: the text heads' BatchNorm pools its statistics over the ranks, where blank captions
+        would shift every rank's normalisation (two processes would no longer equal one). A rank with none still
+        reads all its rows (an empty text batch desynchronises DDP's collectives): there, and only there, blank
+        captions enter the pooled statistics."""
+        if captioned is None or bool(captioned.all()):
+            return None
+        n = int(captioned.sum())
+        if n == 0 or (n == 1 and dist.world_size() == 1):
             return None
         return captioned.nonzero().squeeze(1)
 
@@ -239,6 +247,17 @@ class DualEncoder(nn.Module):
         return dist.batch_norm_groups(ids.repeat(n_views), groups)
 
     @torch.no_grad()
+    @torch.no_grad()
+    def sync_momentum(self) -> None:
+        """The momentum copies (MoCo's key encoder, the momentum text tower) ← the online towers, as at construction:
+        after weights were loaded into the online towers (``model.init_from``), the copies would be random."""
+        if self.momentum is not None:
+            ema_update(self.image_encoder, self.momentum.encoder, 0.0)
+            ema_update(self.image_intra_head, self.momentum.head, 0.0)
+        if self.text_momentum is not None:
+            ema_update(self.text_encoder, self.text_momentum.encoder, 0.0)
+            ema_update(self.text_intra_head, self.text_momentum.head, 0.0)
+
     def after_step(self, out: DualOutput) -> None:
         """After the optimiser step: the FDT logit scale back into its range; the momentum text tower's EMA update;
         MoCo's EMA update of the key encoder, then the step's keys (every rank's, when gathered) enter the queue."""

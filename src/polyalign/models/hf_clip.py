@@ -132,6 +132,8 @@ def load_clip_dir(model, path: str | Path) -> None:
     if acts != {"gelu"}:
         raise ConfigError(f"model.init_from=hf:{path}: hidden_act {sorted(acts)}; our blocks use exact GELU only")
     load_clip_state_dict(model, clip.state_dict())
+    if hasattr(model, "sync_momentum"):  # MoCo's key encoder, the momentum text tower: copies of the loaded towers
+        model.sync_momentum()
 
 
 POOLER_EPS = 1e-4  # VisionTextDualEncoderModel pools text by tanh(dense([CLS])): dense = ε·I makes it ε·[CLS] to ~1e-8
