@@ -44,15 +44,17 @@ def captioned_items(n: int, fraction: float, seed: int) -> np.ndarray | None:
 
 def concept_partners(dataset) -> list[np.ndarray]:
     """For each item, the other items of its ``concept_id`` (the emoji data: the same concept in the other styles);
-    empty for an item without one (every item of a dataset without a ``concept_id`` accessor)."""
+    empty for an item without one (every item of a dataset without a ``concept_id`` accessor). Where items have a
+    ``style``, a partner is of another style than the item (never a second copy in its own style)."""
     concept = getattr(dataset, "concept_id", lambda i: None)
-    ids = [concept(i) for i in range(len(dataset))]
+    style = getattr(dataset, "style", lambda i: None)
+    ids, styles = [concept(i) for i in range(len(dataset))], [style(i) for i in range(len(dataset))]
     members: dict[str, list[int]] = {}
     for i, c in enumerate(ids):
         if c is not None:
             members.setdefault(c, []).append(i)
-    return [np.array([j for j in members[c] if j != i] if c is not None else [], dtype=np.int64)
-            for i, c in enumerate(ids)]
+    return [np.array([j for j in members[c] if j != i and (styles[i] is None or styles[j] != styles[i])]
+                     if c is not None else [], dtype=np.int64) for i, c in enumerate(ids)]
 
 
 def stable_hash(text: str) -> int:

@@ -224,7 +224,7 @@ class ManifestDataset(ImageTextDataset):
         self.prompt_templates = {name: self.DEFAULT_TEMPLATES for name in label_fields}
         rows = read_rows(path)
         self.skip_report = SkipReport(total=len(rows))
-        images, self._captions, labels, self._tags, self._concepts = [], [], [], [], []
+        images, self._captions, labels, self._tags, self._concepts, self._styles = [], [], [], [], [], []
         notes: list[str] = []  # image paths found only with '/' for '\\'
         old_truncated, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
         try:
@@ -241,6 +241,7 @@ class ManifestDataset(ImageTextDataset):
                 self._tags.append(tags)
                 concept = row.get("concept_id")  # items of one concept (e.g. its styles) are each a right answer
                 self._concepts.append(None if concept in (None, "") else str(concept))
+                self._styles.append(None if row.get("style") in (None, "") else str(row.get("style")))
         finally:
             ImageFile.LOAD_TRUNCATED_IMAGES = old_truncated
         if notes:
@@ -288,3 +289,7 @@ class ManifestDataset(ImageTextDataset):
     def concept_id(self, i: int):
         """The row's ``concept_id`` (None when it has none): retrieval_any counts every item of a concept as right."""
         return self._concepts[i]
+
+    def style(self, i: int):
+        """The row's ``style`` (e.g. the emoji set that drew it; None when it has none)."""
+        return self._styles[i]
