@@ -90,15 +90,41 @@ def cmd_baseline(args) -> int:
                                  f"model.image.kind={ic.kind} (its step 0 is random already: --tower init)")
             torch.manual_seed(args.seed)
             model.image_encoder = EfficientNetLite(ic.kind, pretrained=False, lock=True, cache=False)
+        bn = args.bn_batches
+        if bn:
+            recalibrate_batchnorm(model.image_encoder, datasets["train"], bn, cfg.train.batch_size, args.seed)
         model.eval()
         metrics = evaluate_run(cfg, model, tok, datasets, out)
         with torch.random.fork_rng():
             metrics |= extra_probes(cfg, model, datasets, [f for f in args.fields.split(",") if f])
-        metrics |= {"train/steps": 0, "baseline/tower": {"init": 0.0, "random": 1.0}[args.tower],
+        metrics |= {"train/steps": 0, "baseline/tower": {"init": 0.0, "random": 1.0}[args.tower], "baseline/bn_batches": bn,
                     "baseline/wall_s": time.perf_counter() - t0}
         write_metrics(out, metrics)
     print(json.dumps({k: round(v, 4) for k, v in metrics.items() if k.startswith(("probe", "tagging"))}))
     return 0
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(encoder, dataset, n_batches: int, batch_size: int, seed: int) -> int:
+    """BatchNorm's running statistics of ``encoder`` ← their average over ``n_batches`` random batches of the
+    training images (un-augmented, as the loader makes them). A randomly initialised network in eval mode otherwise
+    normalises with mean 0 / variance 1: through EfficientNet's depth its features shrink to ~1e-8 with some
+    dimensions constant, a degenerate reference. Returns the number of BatchNorm layers recalibrated."""
+    layers = [m for m in encoder.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    saved = [(m, m.momentum, m.training) for m in layers]
+    for m in layers:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the batches
+        m.train()
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(dataset), generator=g)
+    for k in range(min(n_batches, len(dataset) // batch_size)):
+        idx = order[k * batch_size:(k + 1) * batch_size].tolist()
+        encoder(torch.stack([dataset.image(i) for i in idx]).float() / 255.0)
+    for m, momentum, training in saved:
+        m.momentum = momentum
+        m.train(training)
+    return len(layers)
 
 
 def main(argv=None) -> int:
@@ -117,6 +143,12 @@ def main(argv=None) -> int:
     b.add_argument("--tower", choices=("init", "random"), default="init")
     b.add_argument("--fields", default="")
     b.add_argument("--threads", type=int, default=1)
+    # measured on 1,000 shapes scenes with a random EfficientNet-Lite0 (seed 0): recalibrating on 20 batches gave the
+    # weaker reference (probe shape 0.137 vs 0.178, colour 0.206 vs 0.384, count 0.548 vs 0.575), so it is off by
+    # default: the probe's standardisation already undoes the tiny scale of the eval-mode features
+    b.add_argument("--bn-batches", type=int, default=0,
+                   help="recompute the image tower's BatchNorm statistics on this many training batches before "
+                        "evaluating (0: keep them; a random tower's eval-mode features are tiny, ~1e-8)")
     b.set_defaults(func=cmd_baseline)
     args = p.parse_args(argv)
     return args.func(args)
