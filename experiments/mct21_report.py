@@ -18,7 +18,9 @@ from pathlib import Path
 from polyalign.app.sweep import paired_diff
 from report_lib import fmt_diff, fmt_stat, log_rows, seeds_of, table, values, vs_constant
 
-ROWS = [("inter", "inter only"), ("inter-full", "inter only, batches of captioned items"), ("image", "image-intra only"), ("intra-inter", "intra + inter"),
+ROWS = [("inter", "inter only"), ("inter-full", "inter only, batches of captioned items"),
+        ("inter-half", "inter only, half of each batch captioned"),
+        ("intra-inter-half", "intra + inter, half of each batch captioned"), ("image", "image-intra only"), ("intra-inter", "intra + inter"),
         ("text", "+ text-text"), ("tags", "+ tags"), ("intra-inter-w01", "intra + inter, image-image weight 0.1"),
         # emoji controls (experiments/mct21.sh VIEW_ROWS=1): SimCLR's own-image positives instead of the style ones
         ("image-view", "image-intra only, view positives"), ("intra-inter-view", "intra + inter, view positives")]
@@ -105,7 +107,11 @@ def report(out: Path, ds: str) -> str:
              ("intra-inter-w01", "image", "intra + inter (w 0.1) − image-intra only"),
              ("intra-inter-w01", "intra-inter", "image-image weight 0.1 − 1"),
              ("intra-inter", "inter-full", "intra + inter − inter only (captioned batches)"),
-             ("inter-full", "inter", "inter only: captioned batches − mixed batches")]
+             ("inter-full", "inter", "inter only: captioned batches − mixed batches"),
+             ("intra-inter-half", "inter-half", "intra + inter − inter only (half captioned)"),
+             ("intra-inter-half", "inter-full", "intra + inter (half captioned) − inter only (captioned batches)"),
+             ("intra-inter-half", "image", "intra + inter (half captioned) − image-intra only"),
+             ("intra-inter-half", "intra-inter", "intra + inter: half captioned − as they come")]
     head = ["caption fraction", "difference"] + [SHORT[m] for m in metrics]
     body, verdict = [], []
     for frac in fracs:
@@ -116,7 +122,9 @@ def report(out: Path, ds: str) -> str:
         for combo, alone, what, inter in (
                 ("intra-inter", "image", "", "inter"), ("intra-inter-view", "image-view", ", view positives", "inter"),
                 ("intra-inter-w01", "image", ", image-image weight 0.1", "inter"),
-                ("intra-inter", "image", ", inter only on captioned batches", "inter-full")):
+                ("intra-inter", "image", ", inter only on captioned batches", "inter-full"),
+                ("intra-inter-half", "image", ", half of each batch captioned", "inter-half"),
+                ("intra-inter-half", "image", ", half captioned vs inter only on captioned batches", "inter-full")):
             ri, rn, rm = (row_runs(root, frac, r) for r in (combo, inter, alone))
             if not (ri and rn and rm):
                 continue

@@ -222,13 +222,35 @@ def test_captioned_only_draws_every_batch_from_the_captioned_items():
         GlobalBatchSampler(200, 64, seed=3, items=items)
 
 
-def test_captioned_only_trains_on_captioned_rows_only(tiny_overrides, tmp_path):
+def test_captioned_share_fixes_the_captioned_rows_of_every_batch_and_resumes_exactly():
+    from polyalign.data.loader import MixedBatchSampler
+
+    keep = captioned_items(300, 0.1, 5)
+    a, b = np.flatnonzero(keep), np.flatnonzero(~keep)
+    first = iter(MixedBatchSampler(a, b, 4, 16, seed=5))
+    batches = [next(first) for _ in range(20)]  # 20 steps: 2.7 epochs of the 30 captioned items
+    assert all(sum(keep[i] for _, i in rows) == 4 and len(rows) == 16 for rows in batches)
+    caps = [i for rows in batches[:7] for _, i in rows if keep[i]]
+    assert len(caps) == len(set(caps)) == 28  # one epoch of the captioned group: no repeats
+    resumed = iter(MixedBatchSampler(a, b, 4, 16, seed=5, start_step=13))
+    assert [next(resumed) for _ in range(7)] == batches[13:]
+    ranks = [iter(MixedBatchSampler(a, b, 4, 16, seed=5, rank=r, world_size=2)) for r in range(2)]
+    assert next(ranks[0]) + next(ranks[1]) == batches[0]  # the ranks' slices make up the global batch
+    assert not all(keep[i] for _, i in batches[0][:4])  # the captioned rows are spread, not first
+
+
+@pytest.mark.parametrize("how", ["data.captioned_only=true", "data.captioned_share=0.25"])
+def test_captioned_only_trains_on_captioned_rows_only(tiny_overrides, tmp_path, how):
     from polyalign.app.training import train
 
-    over = tiny_overrides + ["data.caption_fraction=0.5", "data.captioned_only=true", "train.max_steps=3",
+    over = tiny_overrides + ["data.caption_fraction=0.5", how, "train.max_steps=3",
                              "train.checkpoint_every=3", "eval.n_examples=0", "eval.bootstrap_resamples=0"]
     with pytest.raises(ConfigError, match="captioned_only"):
         load_config(None, tiny_overrides + ["data.captioned_only=true"])
+    for bad in (["data.captioned_share=0.5"], ["data.caption_fraction=0.5", "data.captioned_share=1.5"],
+                ["data.caption_fraction=0.5", "data.captioned_share=0.5", "data.captioned_only=true"]):
+        with pytest.raises(ConfigError, match="captioned_share"):
+            load_config(None, tiny_overrides + bad)
     cfg = load_config(None, over)
     seen = []
     from polyalign.data import base
@@ -246,7 +268,12 @@ def test_captioned_only_trains_on_captioned_rows_only(tiny_overrides, tmp_path):
         train(cfg, tmp_path / "run", show_progress=False)
     finally:
         base.ImageTextDataset.__getitem__ = real
-    assert len(seen) >= 3 * cfg.train.batch_size and all(seen)  # every training sample was a captioned one
+    b = cfg.train.batch_size
+    assert len(seen) >= 3 * b
+    if cfg.data.captioned_only:
+        assert all(seen)  # every training sample was a captioned one
+    else:  # the first 3 batches: a quarter of each captioned (evaluation reads no captioned flag: the test split)
+        assert [sum(seen[k * b:(k + 1) * b]) for k in range(3)] == [round(0.25 * b)] * 3
 
 
 # --- concept positives (emoji: the same concept in another style) ---

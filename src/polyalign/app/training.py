@@ -138,10 +138,15 @@ def _set_up(cfg: Config, out: Path, device, resume: bool, show_progress: bool) -
         batches = StreamTracker(iter(loader), n_workers, checkpointer.stream_saved if resumed else None)
         checkpointer.stream, checkpointer.stream_start = batches, start
     else:
-        # data.captioned_only: batches of captioned items only (the low-label regime's inter-only control)
+        # the low-label regime's batches: captioned items only (data.captioned_only), or a fixed share of them
+        # (data.captioned_share); otherwise as they come (~caption_fraction of each batch)
         items = np.flatnonzero(train_ds.captioned) if cfg.data.captioned_only else None
+        mix = None
+        if cfg.data.captioned_share > 0:
+            mix = (np.flatnonzero(train_ds.captioned), np.flatnonzero(~train_ds.captioned),
+                   round(cfg.data.captioned_share * t.batch_size))
         batches = iter(make_loader(train_ds, tokenizer, t.batch_size, t.seed, start, cfg.data.num_workers,
-                                   dist.rank(), dist.world_size(), items))
+                                   dist.rank(), dist.world_size(), items, mix))
     model.train()
     if cfg.model.fdt.t_fdt_auto == "active" and model.has_fdt and (branching or not resumed):  # (a resumed run's T is in its checkpoint)
         first = next(batches)

@@ -255,7 +255,13 @@ def _check_caption_fraction(cfg: Config) -> None:
     if d.intra_positive == "style" and d.name != "manifest":
         raise ConfigError(f"data.intra_positive=style pairs an image with one of the same concept_id in another style "
                           f"(manifest rows, e.g. the emoji data); data.name={d.name} has none: use view")
+    if d.captioned_share and (d.captioned_only or not 0 < d.captioned_share < 1):
+        raise ConfigError(f"data.captioned_share={d.captioned_share}: the share of each batch that is captioned, in "
+                          f"(0, 1), without data.captioned_only (which makes every row captioned)")
     if d.caption_fraction == 1.0:
+        if d.captioned_share:
+            raise ConfigError("data.captioned_share mixes captioned and captionless items; set data.caption_fraction "
+                              "< 1")
         if d.captioned_only:
             raise ConfigError("data.captioned_only=true draws batches from the captioned items of a low-label run; "
                               "set data.caption_fraction < 1 (at 1 every item is captioned: drop captioned_only)")

@@ -71,6 +71,8 @@ class DataConfig:
     # are images only: the inter-modal terms (clip, fdt, text_text, tags) never see them, image_image sees every image
     captioned_only: bool = False  # with caption_fraction < 1: every batch drawn from the captioned items only (full
     # batches of pairs: the inter-only control of the low-label regime, instead of ~f x batch pairs per step)
+    captioned_share: float = 0.0  # with caption_fraction < 1: this share of every batch captioned, the rest captionless
+    # (0: batches as they come, ~caption_fraction captioned); MCT's low-label setting with enough pairs per step
     text_word_drop: float = 0.15  # second text view when an item has one caption: drop each word with this probability
     tag_min_count: int = 5  # tag vocabulary: tags on at least this many training items ...
     max_tags: int = 1000  # ... the most frequent first, at most this many

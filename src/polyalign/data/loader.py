@@ -50,6 +50,32 @@ class GlobalBatchSampler:
             step += 1
 
 
+class MixedBatchSampler:
+    """Every global batch of ``batch_size`` rows holds ``k`` rows of group ``a`` and the rest of group ``b`` (the
+    low-label regime's ``data.captioned_share``: a fixed share of captioned items, the rest captionless), each group
+    drawn by its own :class:`GlobalBatchSampler` (its own epochs), the rows shuffled by (seed, step) before each rank
+    takes its slice. Depends only on (seed, step): resuming = constructing with the step to start at."""
+
+    def __init__(self, a, b, k: int, batch_size: int, seed: int, start_step: int = 0, rank: int = 0,
+                 world_size: int = 1):
+        if not 0 < k < batch_size:
+            raise DataError(f"a mixed batch needs 0 < k < train.batch_size rows of the first group, got k={k}")
+        if batch_size % world_size:
+            raise DataError(f"train.batch_size ({batch_size}) is not divisible by the world size ({world_size})")
+        self.a = GlobalBatchSampler(len(a), k, seed, start_step, items=a)
+        self.b = GlobalBatchSampler(len(b), batch_size - k, seed + 7_919, start_step, items=b)
+        self.batch_size, self.seed, self.start_step = batch_size, seed, start_step
+        self.rank, self.world_size = rank, world_size
+
+    def __iter__(self):
+        local, step = self.batch_size // self.world_size, self.start_step
+        for rows_a, rows_b in zip(self.a, self.b):
+            rows = rows_a + rows_b
+            order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(self.seed * 1_000_003 + step))
+            yield [rows[int(j)] for j in order[self.rank * local:(self.rank + 1) * local]]
+            step += 1
+
+
 class Collator:
     """Samples → batch dict with whatever modalities the samples carry: ``image`` uint8 (B, 3, H, W); ``text``
     (B, L) + ``text_mask`` (B, L) from the captions; ``audio`` float (B, T) zero-padded + ``audio_mask`` (B, T), True
@@ -87,9 +113,11 @@ def _data_loader(data, tokenizer, num_workers: int, **how) -> torch.utils.data.D
 
 
 def make_loader(dataset, tokenizer, batch_size: int, seed: int, start_step: int, num_workers: int,
-                rank: int = 0, world_size: int = 1, items=None) -> torch.utils.data.DataLoader:
-    """An endless loader of this rank's batches from ``start_step`` on (drawn from ``items`` when given)."""
-    sampler = GlobalBatchSampler(len(dataset), batch_size, seed, start_step, rank, world_size, items)
+                rank: int = 0, world_size: int = 1, items=None, mix=None) -> torch.utils.data.DataLoader:
+    """An endless loader of this rank's batches from ``start_step`` on, drawn from ``items`` when given, or with
+    ``mix = (group_a, group_b, k)``: k rows of group a in every global batch (:class:`MixedBatchSampler`)."""
+    sampler = (GlobalBatchSampler(len(dataset), batch_size, seed, start_step, rank, world_size, items) if mix is None
+               else MixedBatchSampler(*mix, batch_size, seed, start_step, rank, world_size))
     return _data_loader(dataset, tokenizer, num_workers, batch_sampler=sampler, persistent_workers=False,
                         generator=torch.Generator().manual_seed(seed))  # keep the global RNG untouched
 
