@@ -75,6 +75,7 @@ RANGES = {  # every numeric key → its allowed values (a tuple: each element; a
     **dict.fromkeys(("data.augment.randaugment", "data.intra_augment.randaugment"), Range(0, 4)),
     **dict.fromkeys(("data.augment.randaugment_magnitude", "data.intra_augment.randaugment_magnitude"), Range(0, 10)),
     "data.caption_fraction": Range(0, 1, lo_open=True, why="the fraction of training items that keep captions"),
+    "data.captioned_share": Range(0, 1, hi_open=True, why="the share of each batch that is captioned (0 = as it comes)"),
     "model.fusion.alpha_ramp_steps": Range(-1, why="-1 = model.fusion.alpha_ramp of train.max_steps, 0 = no ramp"),
     "model.fusion.momentum_horizon": Range(0, 1, why="a fraction of train.max_steps"),
     "model.fusion.alpha_ramp": Range(0, 1, why="a fraction of train.max_steps"),
