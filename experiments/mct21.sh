@@ -9,9 +9,9 @@
 #   SMOKE=1 OUT=/tmp/mct21-smoke bash experiments/mct21.sh   # 2 steps, small data: checks the pipeline end to end
 # Env: OUT (runs/mct21), POLYALIGN (polyalign), PYTHON (python), SEEDS ("0 1 2"), JOBS (2), DATASETS ("emoji shapes"),
 # VIEW_ROWS (1: emoji also runs intra + inter and image-intra with SimCLR view positives, the control of the style ones),
-# ROWS ("tags text intra-inter inter intra-inter-w01 inter-full": the captioned rows, in launch order; w01: image-image
-# weight 0.1; low-label fraction only: inter-full = inter only with every batch drawn from the captioned items, *-half =
-# half of every batch captioned, data.captioned_share=0.5),
+# ROWS ("tags text intra-inter inter intra-inter-w01 inter-full intra-inter-half inter-half intra-inter-w01-half": the
+# captioned rows, in launch order; w01: image-image weight 0.1; low-label fraction only: inter-full = inter only with
+# every batch drawn from the captioned items, *-half = half of every batch captioned, data.captioned_share=0.5),
 # FRACS ("f1 f0.05" / "f1 f0.1": the caption fractions of those rows), IMAGE_ROW (1: also the image-intra row).
 # A partial pass first (ROWS="inter intra-inter") gives the core comparison on every seed early; rerun for the rest.
 # Finished runs (metrics.json) are skipped, killed ones resumed from their last checkpoint; each run's output is in
@@ -25,7 +25,7 @@ read -ra PA <<< "${POLYALIGN:-polyalign}"  # may be a command line: "python -m p
 read -ra PY <<< "${PYTHON:-python}"
 OUT=${OUT:-runs/mct21}
 SEEDS=${SEEDS:-0 1 2}
-ROWS=${ROWS:-tags text intra-inter inter intra-inter-w01 inter-full intra-inter-half inter-half}
+ROWS=${ROWS:-tags text intra-inter inter intra-inter-w01 inter-full intra-inter-half inter-half intra-inter-w01-half}
 IMAGE_ROW=${IMAGE_ROW:-1}
 VIEW_ROWS=${VIEW_ROWS:-1}  # emoji: also the control rows with view positives (intra_positive=view)
 DATASETS=${DATASETS:-emoji shapes}
