@@ -20,7 +20,9 @@ from report_lib import fmt_diff, fmt_stat, log_rows, seeds_of, table, values, vs
 
 ROWS = [("inter", "inter only"), ("inter-full", "inter only, batches of captioned items"),
         ("inter-half", "inter only, half of each batch captioned"),
-        ("intra-inter-half", "intra + inter, half of each batch captioned"), ("image", "image-intra only"), ("intra-inter", "intra + inter"),
+        ("intra-inter-half", "intra + inter, half of each batch captioned"),
+        ("intra-inter-w01-half", "intra + inter, image-image weight 0.1, half of each batch captioned"),
+        ("image", "image-intra only"), ("intra-inter", "intra + inter"),
         ("text", "+ text-text"), ("tags", "+ tags"), ("intra-inter-w01", "intra + inter, image-image weight 0.1"),
         # emoji controls (experiments/mct21.sh VIEW_ROWS=1): SimCLR's own-image positives instead of the style ones
         ("image-view", "image-intra only, view positives"), ("intra-inter-view", "intra + inter, view positives")]
@@ -111,7 +113,11 @@ def report(out: Path, ds: str) -> str:
              ("intra-inter-half", "inter-half", "intra + inter − inter only (half captioned)"),
              ("intra-inter-half", "inter-full", "intra + inter (half captioned) − inter only (captioned batches)"),
              ("intra-inter-half", "image", "intra + inter (half captioned) − image-intra only"),
-             ("intra-inter-half", "intra-inter", "intra + inter: half captioned − as they come")]
+             ("intra-inter-half", "intra-inter", "intra + inter: half captioned − as they come"),
+             ("intra-inter-w01-half", "inter-half", "intra + inter (w 0.1, half capt.) − inter only (half capt.)"),
+             ("intra-inter-w01-half", "inter-full",
+              "intra + inter (w 0.1, half captioned) − inter only (captioned batches)"),
+             ("intra-inter-w01-half", "intra-inter-half", "half captioned: image-image weight 0.1 − 1")]
     head = ["caption fraction", "difference"] + [SHORT[m] for m in metrics]
     body, verdict = [], []
     for frac in fracs:
@@ -124,7 +130,11 @@ def report(out: Path, ds: str) -> str:
                 ("intra-inter-w01", "image", ", image-image weight 0.1", "inter"),
                 ("intra-inter", "image", ", inter only on captioned batches", "inter-full"),
                 ("intra-inter-half", "image", ", half of each batch captioned", "inter-half"),
-                ("intra-inter-half", "image", ", half captioned vs inter only on captioned batches", "inter-full")):
+                ("intra-inter-half", "image", ", half captioned vs inter only on captioned batches", "inter-full"),
+                ("intra-inter-w01-half", "image", ", image-image weight 0.1, half of each batch captioned",
+                 "inter-half"),
+                ("intra-inter-w01-half", "image", ", weight 0.1, half captioned vs inter only on captioned batches",
+                 "inter-full")):
             ri, rn, rm = (row_runs(root, frac, r) for r in (combo, inter, alone))
             if not (ri and rn and rm):
                 continue
