@@ -94,6 +94,17 @@ def test_tagging_probe_separable_and_random_labels():
     assert abs(tagging_probe(x_tr, rand_tr, x_te, rand_te) - chance) < 0.08
 
 
+def test_tagging_probe_does_not_depend_on_the_feature_scale():
+    # a randomly initialised EfficientNet in eval mode gives tiny features: the probe must read them as it reads
+    # the same features at unit scale (an absolute std floor of 1e-6 turned them into chance mAP)
+    g = torch.Generator().manual_seed(2)
+    (x_tr, y_tr), (x_te, y_te) = synthetic_tags(300, torch.eye(6), g), synthetic_tags(150, torch.eye(6), g)
+    unit = tagging_probe(x_tr, y_tr, x_te, y_te)
+    assert unit > 0.8
+    for scale in (1e-10, 1e-12, 1e4):
+        assert tagging_probe(x_tr * scale, y_tr, x_te * scale, y_te) == pytest.approx(unit, abs=0.02)
+
+
 def test_tagging_probe_skips_tags_unseen_in_train_and_is_deterministic():
     g = torch.Generator().manual_seed(1)
     (x_tr, y_tr), (x_te, y_te) = synthetic_tags(300, torch.eye(6), g), synthetic_tags(100, torch.eye(6), g)

@@ -64,7 +64,8 @@ def tagging_probe(train_x, train_y, test_x, test_y, weight_decay: float = 1e-3, 
                   lr: float = 1.0) -> float:
     """Test mAP of a linear multi-label classifier (D → T) on standardised frozen features.
 
-    Features are standardised with the train mean and std. The tags with a positive in ``train_y`` are fitted
+    Features are standardised with the train mean and std (each std floored at 1e-6 of the largest: the result does
+    not depend on the features' scale). The tags with a positive in ``train_y`` are fitted
     jointly, full batch, float32 on CPU, by L-BFGS (strong Wolfe line search, ``steps`` iterations, step ``lr``)
     from a zero weight and the log-odds of each tag's train frequency as bias (deterministic). The objective,
     mean BCE over items and tags + ``weight_decay``/2 · mean over tags of ‖w_t‖², is the mean over tags of
@@ -79,7 +80,11 @@ def tagging_probe(train_x, train_y, test_x, test_y, weight_decay: float = 1e-3, 
     if not scored_tags(train_y, test_y).any():
         raise TaggingDataError(f"tagging probe: none of the {train_y.shape[1]} tags has a positive in both the "
                                f"{len(train_y)} train and the {len(test_y)} test items")
-    mean, std = train_x.mean(dim=0), train_x.std(dim=0, unbiased=False).clamp(min=1e-6)
+    # the floor on a dimension's std is relative to the largest one, so the probe does not depend on the features'
+    # scale (an absolute 1e-6 floor flattened a random EfficientNet's tiny eval-mode features to chance mAP)
+    mean, std = train_x.mean(dim=0), train_x.std(dim=0, unbiased=False)
+    top = float(std.max()) if std.numel() else 0.0
+    std = std.clamp(min=1e-6 * top) if top > 0 else torch.ones_like(std)
     xs, ys = (train_x - mean) / std, train_y[:, fitted]  # (N, D), (N, T')
     freq = ys.mean(dim=0).clamp(1e-6, 1 - 1e-6)
     weight = torch.zeros(xs.shape[1], ys.shape[1], requires_grad=True)  # (D, T')
